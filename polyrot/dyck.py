@@ -1,0 +1,262 @@
+"""Bounded-depth Dyck-3: the token stream, its per-position labels, and the named batches.
+
+A sequence is BOS + content + EOS + PAD up to N_CTX, where the content is drawn from the
+three bracket families () [] {}. Each position carries three labels, one per output head:
+
+    tok    the token itself (a copy task that every model solves; the control head)
+    depth  unmatched openers after this token, frozen once the prefix turns invalid
+    valid  the sticky flag of the paper: 0 while the prefix is valid, 1 from its first error on
+
+A prefix turns invalid at the first closer on an empty stack, closer of the wrong family, or
+opener beyond MAX_DEPTH. Labelling and generation are vectorised across the batch: the only
+Python loops run over the N_CTX positions, each step an array operation on every row at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+PAD, BOS, EOS = 0, 1, 2
+OPENERS = (3, 5, 7)  # ( [ {
+CLOSERS = (4, 6, 8)  # ) ] }
+VOCAB_SIZE = 40  # ids 9..39 are unused; the embedding table is sized as in the paper
+N_CTX = 64
+MAX_DEPTH = 8
+N_DEPTH_CLASSES = MAX_DEPTH + 1
+MAX_CONTENT = N_CTX - 2  # BOS + content + EOS fills the context exactly at this length
+
+SPLITS = ("train", "compositional", "long")
+HEADS = ("tok", "depth", "valid")
+DEFAULT_LENGTHS = {"train": (2, 62), "long": (50, 60)}
+
+# Range of k for the k-deep single-family nest at the heart of each compositional sequence.
+NEST_DEPTHS = (3, MAX_DEPTH)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token ids and one label tensor per head, all [B, T]; mask marks the non-PAD positions."""
+
+    tokens: torch.Tensor
+    tok: torch.Tensor
+    depth: torch.Tensor
+    valid: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def select(self, idx: torch.Tensor | slice) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+
+def label_tokens(tokens: torch.Tensor) -> Batch:
+    """Label a [B, T] batch of token ids. Only bracket ids move the stack; all others are inert."""
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
+    ids = tokens.detach().cpu().numpy().astype(np.int64)
+    n, length = ids.shape
+    rows = np.arange(n)
+    stack = np.zeros((n, MAX_DEPTH), dtype=np.int64)  # family of each open bracket
+    depth = np.zeros(n, dtype=np.int64)
+    invalid = np.zeros(n, dtype=bool)
+    # Filled time-major so each step writes one contiguous row; transposed once at the end.
+    depth_labels = np.empty((length, n), dtype=np.int64)
+    valid_labels = np.empty((length, n), dtype=np.int64)
+    for t in range(length):
+        tok = ids[:, t]
+        is_bracket = (tok >= OPENERS[0]) & (tok <= CLOSERS[-1])
+        is_open = is_bracket & (tok % 2 == 1)
+        is_close = is_bracket & (tok % 2 == 0)
+        family = (tok - OPENERS[0]) // 2
+        top = stack[rows, np.maximum(depth - 1, 0)]  # garbage at depth 0, where it is never used
+        fails = (is_close & ((depth == 0) | (top != family))) | (is_open & (depth == MAX_DEPTH))
+        invalid |= fails
+        push = is_open & ~invalid
+        pop = is_close & ~invalid
+        stack[rows[push], depth[push]] = family[push]
+        depth += push.astype(np.int64) - pop.astype(np.int64)
+        depth_labels[t] = depth
+        valid_labels[t] = invalid
+    return Batch(
+        tokens=torch.from_numpy(ids),
+        tok=torch.from_numpy(ids.copy()),
+        depth=torch.from_numpy(np.ascontiguousarray(depth_labels.T)),
+        valid=torch.from_numpy(np.ascontiguousarray(valid_labels.T)),
+        mask=torch.from_numpy(ids != PAD),
+    )
+
+
+def _valid_walk(rng: np.random.Generator, n: int, length: int, p_open: float) -> np.ndarray:
+    """[n, length] bracket ids that never break the grammar: open with p_open, else close the top."""
+    u = rng.random((n, length))
+    new_family = rng.integers(0, 3, size=(n, length))
+    rows = np.arange(n)
+    stack = np.zeros((n, MAX_DEPTH), dtype=np.int64)
+    depth = np.zeros(n, dtype=np.int64)
+    out = np.empty((n, length), dtype=np.int64)
+    for t in range(length):
+        opening = (depth < MAX_DEPTH) & ((depth == 0) | (u[:, t] < p_open))
+        top = stack[rows, np.maximum(depth - 1, 0)]
+        family = np.where(opening, new_family[:, t], top)
+        out[:, t] = np.where(opening, OPENERS[0], CLOSERS[0]) + 2 * family
+        stack[rows[opening], depth[opening]] = family[opening]
+        depth += np.where(opening, 1, -1)
+    return out
+
+
+def _mixture(rng: np.random.Generator, n: int, lo: int, hi: int, p_valid: float, p_open: float,
+             p_corrupt: float = 0.0):
+    """Content and lengths for train/long: each row independently a valid walk or uniform noise.
+
+    Independent per-row draws already interleave the two kinds, so no separate shuffle is needed.
+    With p_corrupt > 0, that fraction of the walks gets one closer swapped for a closer of another
+    family: a first violation inside a deep stack, which uniform noise almost never produces.
+    """
+    lengths = rng.integers(lo, hi + 1, size=n)
+    is_walk = rng.random(n) < p_valid
+    content = rng.integers(OPENERS[0], CLOSERS[-1] + 1, size=(n, MAX_CONTENT))
+    content[is_walk, :hi] = _valid_walk(rng, int(is_walk.sum()), hi, p_open)
+    if p_corrupt > 0:
+        in_length = np.arange(MAX_CONTENT)[None, :] < lengths[:, None]
+        closers = np.isin(content, CLOSERS) & in_length
+        corrupt = is_walk & (rng.random(n) < p_corrupt) & closers.any(1)
+        # A uniformly random closer per row: argmax of random keys restricted to closer slots.
+        where = np.argmax(np.where(closers, rng.random(content.shape), -1.0), axis=1)
+        rows = np.flatnonzero(corrupt)
+        shift = 2 * rng.integers(1, 3, size=rows.size)  # +1 or +2 families, mod 3
+        old = content[rows, where[rows]]
+        content[rows, where[rows]] = CLOSERS[0] + (old - CLOSERS[0] + shift) % 6
+    return content, lengths
+
+
+def _compositional(rng: np.random.Generator, n: int):
+    """One k-deep single-family nest, with depth-1 pairs of random family filling the rest.
+
+    The pairs are split binomially between before and after the nest, so the nest sits anywhere.
+    """
+    k = rng.integers(NEST_DEPTHS[0], NEST_DEPTHS[1] + 1, size=n)
+    nest_family = rng.integers(0, 3, size=n)
+    n_pairs = (MAX_CONTENT - 2 * k) // 2
+    n_before = rng.binomial(n_pairs, 0.5)
+    pair_family = rng.integers(0, 3, size=(n, MAX_CONTENT // 2))
+
+    j = np.arange(MAX_CONTENT)[None, :]
+    k, nest_family, nest_start = k[:, None], nest_family[:, None], 2 * n_before[:, None]
+    in_nest = (j >= nest_start) & (j < nest_start + 2 * k)
+    # Pair slot j//2 before the nest; after it, skip the 2k nest tokens to continue the pair index.
+    pair_index = np.where(j < nest_start, j // 2, (j - 2 * k) // 2).clip(0, MAX_CONTENT // 2 - 1)
+    family = np.take_along_axis(pair_family, pair_index, axis=1)
+    pair_tok = np.where(j % 2 == 0, OPENERS[0], CLOSERS[0]) + 2 * family
+    nest_tok = np.where(j < nest_start + k, OPENERS[0], CLOSERS[0]) + 2 * nest_family
+    content = np.where(in_nest, nest_tok, pair_tok)
+    return content, np.full(n, MAX_CONTENT)
+
+
+def _frame(content: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+    """Wrap each row's first `lengths` content tokens as BOS + content + EOS + PAD..."""
+    n = content.shape[0]
+    tokens = np.full((n, N_CTX), PAD, dtype=np.int64)
+    tokens[:, 0] = BOS
+    keep = np.arange(MAX_CONTENT)[None, :] < lengths[:, None]
+    tokens[:, 1 : 1 + MAX_CONTENT] = np.where(keep, content, PAD)
+    has_eos = 1 + lengths < N_CTX
+    tokens[np.flatnonzero(has_eos), 1 + lengths[has_eos]] = EOS
+    return torch.from_numpy(tokens)
+
+
+def generate(
+    split: str,
+    n: int,
+    seed: int | np.random.Generator,
+    *,
+    length_range: tuple[int, int] | None = None,
+    p_valid: float = 0.5,
+    p_open: float = 0.55,
+    p_corrupt: float = 0.0,
+) -> Batch:
+    """n labelled sequences of a split, determined entirely by seed.
+
+    length_range overrides the content-length range of train/long; the compositional split always
+    fills the context, so it takes no length_range, and ignores p_valid and p_open.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if not (0.0 <= p_valid <= 1.0 and 0.0 <= p_open <= 1.0 and 0.0 <= p_corrupt <= 1.0):
+        raise ValueError(f"p_valid, p_open and p_corrupt must lie in [0, 1], got {p_valid}, {p_open}, {p_corrupt}")
+    if split == "compositional" and length_range is not None:
+        raise ValueError("the compositional split has a fixed length; length_range must be None")
+    rng = np.random.default_rng(seed)
+    if split == "compositional":
+        content, lengths = _compositional(rng, n)
+    else:
+        lo, hi = length_range if length_range is not None else DEFAULT_LENGTHS[split]
+        if not 1 <= lo <= hi <= MAX_CONTENT:
+            raise ValueError(f"length_range must satisfy 1 <= lo <= hi <= {MAX_CONTENT}, got ({lo}, {hi})")
+        content, lengths = _mixture(rng, n, lo, hi, p_valid, p_open, p_corrupt)
+    return label_tokens(_frame(content, lengths))
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """A named batch that any stage regenerates bit-identically from these parameters alone.
+
+    min_len and max_len bound the content length; the compositional split ignores them.
+    """
+
+    name: str = "eval"
+    seed: int = 12345
+    n_sequences: int = 1024
+    min_len: int = 2
+    max_len: int = 48
+    split: str = "train"
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"BatchSpec name must be a non-empty string, got {self.name!r}")
+        for key in ("seed", "n_sequences", "min_len", "max_len"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"BatchSpec {key} must be an int, got {value!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; expected one of {', '.join(SPLITS)}")
+        if self.n_sequences <= 0:
+            raise ValueError(f"BatchSpec n_sequences must be positive, got {self.n_sequences}")
+        if self.split != "compositional" and not 1 <= self.min_len <= self.max_len <= MAX_CONTENT:
+            raise ValueError(
+                f"BatchSpec needs 1 <= min_len <= max_len <= {MAX_CONTENT}, got {self.min_len}, {self.max_len}"
+            )
+
+    def generate(self) -> Batch:
+        lengths = None if self.split == "compositional" else (self.min_len, self.max_len)
+        return generate(self.split, self.n_sequences, self.seed, length_range=lengths)
+
+    def as_params(self, prefix: str = "batch") -> dict[str, str | int]:
+        return {f"{prefix}.{f.name}": getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_params(cls, params: dict, prefix: str = "batch") -> BatchSpec:
+        """Inverse of as_params; values may be strings (as logged params come back). Keys outside
+        the prefix are ignored, so a whole run's params can be passed in."""
+        own = {key[len(prefix) + 1 :]: value for key, value in params.items() if key.startswith(prefix + ".")}
+        # Every field has a default, whose type is the type to parse the logged value into.
+        types = {f.name: type(f.default) for f in fields(cls)}
+        unknown, missing = sorted(own.keys() - types.keys()), sorted(types.keys() - own.keys())
+        if unknown or missing:
+            raise ValueError(f"params under {prefix!r}: unknown {unknown}, missing {missing}")
+        try:
+            return cls(**{key: types[key](value) for key, value in own.items()})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"bad BatchSpec params under {prefix!r}: {err}") from None
+
+
+EVAL_SPEC = BatchSpec()
+SAE_SPEC = BatchSpec(name="sae", seed=2026, n_sequences=4096)

@@ -1,0 +1,37 @@
+"""User-facing errors: each carries a one-line message that the CLI prints verbatim (exit code 2)."""
+
+
+class PolyrotError(Exception):
+    """Base class for bad input that a user can fix; never a bug in polyrot."""
+
+
+class UnknownSiteError(PolyrotError, ValueError):
+    pass
+
+
+class ParameterError(PolyrotError, ValueError):
+    """A stage parameter has a bad value (non-positive steps, unknown profile, ...)."""
+
+
+class LineageError(PolyrotError):
+    """An upstream run or artifact fetched by run ID failed validation."""
+
+
+class RunNotFoundError(LineageError):
+    pass
+
+
+class RunNotFinishedError(LineageError):
+    pass
+
+
+class WrongStageError(LineageError):
+    pass
+
+
+class ArtifactMissingError(LineageError):
+    pass
+
+
+class ArtifactCorruptError(LineageError):
+    pass

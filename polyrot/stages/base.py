@@ -1,0 +1,102 @@
+"""One definition of each stage's parameters, read by the click CLI and by the MLproject writer.
+
+A stage is a name, a tuple of Options and a `run(params) -> run_id` function. The CLI turns each
+Option into `--option-name`; `polyrot mlproject` turns the same tuple into the MLproject entry
+point whose command calls that CLI, so the two can never drift apart (a test checks the file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from polyrot.errors import ParameterError
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    type: type = str
+    default: object = None   # None: optional / "use the profile's value"; REQUIRED: must be given
+    help: str = ""
+    choices: tuple[str, ...] | None = None
+    check: Callable[[object], str | None] | None = None  # returns an error message or None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, raw):
+        """Convert a CLI/MLproject value; "" means "not given" so MLproject can pass optionals."""
+        if raw is None or raw == "":
+            if self.default is REQUIRED:
+                raise ParameterError(f"{self.flag} is required")
+            return self.default
+        try:
+            if self.type is bool:
+                value = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
+            elif self.type is int:
+                number = float(raw)  # MLflow may hand over "1e4" or "500.0"
+                if not number.is_integer():
+                    raise ValueError
+                value = int(number)
+            else:
+                value = self.type(raw)
+        except (TypeError, ValueError):
+            raise ParameterError(f"{self.flag} expects {self.type.__name__}, got {raw!r}") from None
+        if self.choices and value not in self.choices:
+            raise ParameterError(f"{self.flag} must be one of {', '.join(self.choices)}, got {value!r}")
+        if self.check:
+            problem = self.check(value)
+            if problem:
+                raise ParameterError(f"{self.flag} {problem}, got {value!r}")
+        return value
+
+
+def positive(v) -> str | None:
+    return None if v > 0 else "must be positive"
+
+
+def non_negative(v) -> str | None:
+    return None if v >= 0 else "must be non-negative"
+
+
+def unit_interval(v) -> str | None:
+    return None if 0 < v <= 1 else "must lie in (0, 1]"
+
+
+EXPERIMENT = Option("experiment", str, "polyrot", "MLflow experiment to log the run in")
+PARENT_RUN = Option("parent_run", str, None, "run ID of a parent run (groups runs in the UI)")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    options: tuple[Option, ...]
+    run: Callable[[dict], str]
+    # Bump when the stage's results would change: run reuse keys on it, not on the git commit.
+    code_version: str = "1"
+    common: tuple[Option, ...] = field(default=(EXPERIMENT, PARENT_RUN))
+
+    @property
+    def cli_name(self) -> str:
+        return self.name.replace("_", "-")
+
+    @property
+    def all_options(self) -> tuple[Option, ...]:
+        return self.options + self.common
+
+    def parse(self, raw: dict) -> dict:
+        """Validated parameters from raw CLI / MLproject values; unknown names are an error."""
+        known = {o.name: o for o in self.all_options}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ParameterError(f"stage {self.name} has no parameter {unknown[0]!r}; it has: {', '.join(known)}")
+        return {name: opt.parse(raw.get(name)) for name, opt in known.items()}
+
+    def __call__(self, **raw) -> str:
+        """Run the stage from Python: polyrot.stages.STAGES['train_seed'](seed=0)."""
+        return self.run(self.parse(raw))

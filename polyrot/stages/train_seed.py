@@ -1,0 +1,151 @@
+"""Stage `train_seed`: train one Dyck-3 seed (Cohort B, or Cohort A with --shared-io-from).
+
+Artifacts (the contract later stages read):
+  model.safetensors, config.json          final weights (+ W_pos buffer) and the model config
+  train.json                              the resolved recipe, milestones and final evaluation
+  checkpoints/step-NNNNNN.safetensors     model + optimizer tensors, every checkpoint_every steps
+  checkpoints/step-NNNNNN.json            step, data-stream position, optimizer groups, recipe
+  checkpoints/first-0.99.*                the first checkpoint confirmed at each accuracy milestone
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from polyrot import tracking
+from polyrot.errors import ArtifactMissingError, ParameterError
+from polyrot.model import SHARED_IO, load_model, save_model
+from polyrot.stages.base import Option, Stage, non_negative, positive, unit_interval
+from polyrot.train import (
+    PROFILES,
+    EvalSets,
+    TrainConfig,
+    checkpoint_payload,
+    evaluate,
+    new_state,
+    restore_checkpoint,
+    train,
+)
+
+NAME = "train_seed"
+
+# Options left at None take the profile's value; the resolved recipe is logged as recipe.* params.
+OPTIONS = (
+    Option("seed", int, None, "model seed (init and data stream); default 0"),
+    Option("profile", str, "cpu", "training recipe: cpu (2-core default) or paper", choices=tuple(PROFILES)),
+    Option("batch_size", int, None, "sequences per step", check=positive),
+    Option("max_steps", int, None, "step budget (the cosine schedule spans it)", check=positive),
+    Option("lr", float, None, "peak learning rate", check=positive),
+    Option("eval_every", int, None, "steps between held-out evaluations", check=positive),
+    Option("target_acc", float, None, "early-stop target: min held-out accuracy over split x head",
+           check=unit_interval),
+    Option("extra_steps", int, None, "steps to continue after first confirming target_acc", check=non_negative),
+    Option("checkpoint_every", int, None, "steps between checkpoint artifacts", check=positive),
+    Option("p_corrupt", float, None, "fraction of valid walks given one wrong-family closer",
+           check=lambda v: None if 0 <= v <= 1 else "must lie in [0, 1]"),
+    Option("eval_sequences", int, None, "held-out sequences per split at each evaluation (default 2048)",
+           check=positive),
+    Option("confirm_sequences", int, None, "held-out sequences per split that confirm a milestone and score "
+           "the final model (default 16384, ~10^6 tokens)", check=positive),
+    Option("shared_io_from", str, None, "train_seed run ID whose W_E and unembeddings are copied and frozen (Cohort A)"),
+    Option("resume", str, None, "train_seed run ID to continue from its last checkpoint (the recipe comes from it)"),
+    Option("threads", int, 0, "torch threads (0: torch's default); 1 makes training bit-reproducible",
+           check=non_negative),
+)
+RECIPE_OPTIONS = ("batch_size", "max_steps", "lr", "eval_every", "target_acc", "extra_steps",
+                  "checkpoint_every", "p_corrupt", "eval_sequences", "confirm_sequences")
+
+_STEP_FILE = re.compile(r"checkpoints/step-(\d{6})\.safetensors$")
+
+
+def _last_checkpoint(run_id: str) -> str:
+    """Artifact path stem of the newest step checkpoint of a (possibly killed) training run."""
+    tracking.fetch_run(run_id, NAME, finished=False)
+    stems = sorted(a.path[:-len(".safetensors")] for a in tracking.configure().list_artifacts(run_id, "checkpoints")
+                   if _STEP_FILE.match(a.path))
+    if not stems:
+        raise ArtifactMissingError(f"run {run_id} has no checkpoint to resume from")
+    return stems[-1]
+
+
+def _resume_state(params: dict):
+    stem = _last_checkpoint(params["resume"])
+    tensors = load_file(tracking.fetch_artifact(params["resume"], stem + ".safetensors", stage=NAME, finished=False))
+    meta = json.loads(tracking.fetch_artifact(params["resume"], stem + ".json", stage=NAME, finished=False).read_text())
+    state, cfg = restore_checkpoint(tensors, meta)
+    for name in RECIPE_OPTIONS + ("seed",):
+        if params[name] is not None and params[name] != getattr(cfg, name):
+            raise ParameterError(f"--{name.replace('_', '-')} {params[name]} conflicts with the resumed run's {getattr(cfg, name)}")
+    return state, TrainConfig.from_dict({**cfg.to_dict(), "threads": params["threads"]})
+
+
+def _shared_io(run_id: str) -> dict[str, torch.Tensor]:
+    weights = tracking.fetch_artifact(run_id, "model.safetensors", stage=NAME)
+    source = load_file(weights)
+    return {k: source[k] for k in SHARED_IO}
+
+
+def run(params: dict) -> str:
+    if params["resume"]:
+        state, cfg = _resume_state(params)
+        shared_from = tracking.fetch_run(params["resume"], NAME, finished=False).data.tags.get(
+            tracking.TAG_UPSTREAM + "shared_io")
+        shared = _shared_io(shared_from) if shared_from else None
+    else:
+        cfg = TrainConfig.from_profile(
+            params["profile"], seed=params["seed"] if params["seed"] is not None else 0,
+            threads=params["threads"], **{k: params[k] for k in RECIPE_OPTIONS})
+        shared_from = params["shared_io_from"]
+        shared = _shared_io(shared_from) if shared_from else None
+        state = new_state(cfg, shared)
+
+    upstream = {k: v for k, v in (("shared_io", shared_from), ("resume", params["resume"])) if v}
+    cohort = "A" if shared_from else "B"
+    with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
+                            upstream=upstream, parent_run_id=params["parent_run"],
+                            run_name=f"seed-{cfg.seed}", tags={"polyrot.seed": cfg.seed, "polyrot.cohort": cohort}) as run:
+        run.log_params({f"recipe.{k}": v for k, v in cfg.to_dict().items()})
+
+        def on_eval(step: int, metrics: dict) -> None:
+            run.log_metrics(metrics, step)
+
+        def on_checkpoint(st, tag: str) -> None:
+            tensors, meta = checkpoint_payload(st, cfg)
+            save_file(tensors, run.path(f"checkpoints/{tag}.safetensors"))
+            run.path(f"checkpoints/{tag}.json").write_text(json.dumps(meta))
+            run.log_artifact(f"checkpoints/{tag}.safetensors")
+            run.log_artifact(f"checkpoints/{tag}.json")
+
+        state = train(state, cfg, on_eval=on_eval, on_checkpoint=on_checkpoint)
+        if state.step % cfg.checkpoint_every:
+            on_checkpoint(state, f"step-{state.step:06d}")
+
+        final = evaluate(state.model, EvalSets.build(cfg.confirm_sequences, seed=778))
+        run.log_metrics({f"final.{k}": v for k, v in final.items()}, state.step)
+        if shared is not None:
+            identical = all(torch.equal(getattr(state.model, k).detach(), shared[k]) for k in SHARED_IO)
+            run.set_tags({"polyrot.shared_io_identical": str(identical).lower()})
+            if not identical:
+                raise RuntimeError("shared I/O tensors changed during training: they were not frozen")
+        save_model(state.model, run.staging)
+        run.log_artifact("model.safetensors")
+        run.log_artifact("config.json")
+        run.log_json("train.json", {"recipe": cfg.to_dict(), "steps": state.step, "milestones": state.milestones,
+                                    "first_crossing": state.first_crossing, "final": final})
+        run.set_tags({f"polyrot.milestone.{k}": v for k, v in state.milestones.items()})
+        return run.run_id
+
+
+STAGE = Stage(NAME, "Train one Dyck-3 seed and log its model, checkpoints and accuracy.", OPTIONS, run,
+              code_version="1")
+
+
+def load_seed(run_id: str):
+    """The final model of a train_seed run, fetched through the lineage check."""
+    weights = tracking.fetch_artifact(run_id, "model.safetensors", stage=NAME)
+    config = tracking.fetch_artifact(run_id, "config.json", stage=NAME, dst=weights.parent)
+    return load_model(weights, config)

@@ -1,0 +1,329 @@
+"""The tracking layer: stores, experiments, stage runs, batched metrics, artifact digests, lineage.
+
+Besides `registry.py` and the stages, this is the only module that imports mlflow. Defaults are
+two SQLite files inside the checkout (tracking in mlruns/, model registry in registry/);
+MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI point polyrot at any other store, a team server
+included, without code changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# A progress bar per downloaded upstream file would bury the one-line errors and our own bars.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+import polyrot  # noqa: E402
+from polyrot.errors import (  # noqa: E402
+    ArtifactCorruptError,
+    ArtifactMissingError,
+    LineageError,
+    RunNotFinishedError,
+    RunNotFoundError,
+    WrongStageError,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_EXPERIMENT = "polyrot"
+
+# Tag names: the contract that lineage checks, run reuse and the UI read.
+TAG_STAGE = "polyrot.stage"
+TAG_VERSION = "polyrot.version"
+TAG_CODE_VERSION = "polyrot.code_version"
+TAG_COMMIT = "polyrot.git_commit"
+TAG_DIRTY = "polyrot.git_dirty"
+TAG_UPSTREAM = "polyrot.upstream."   # + role, value = run ID
+TAG_DIGEST = "polyrot.sha256."       # + artifact path, value = hex digest
+
+
+def store_root() -> Path:
+    """Where the default stores live: the checkout polyrot runs from (POLYROT_HOME overrides)."""
+    return Path(os.environ.get("POLYROT_HOME", REPO_ROOT)).resolve()
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{store_root() / 'mlruns' / 'mlflow.db'}"
+
+
+def default_registry_uri() -> str:
+    return f"sqlite:///{store_root() / 'registry' / 'registry.db'}"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def registry_uri() -> str:
+    """The model registry: explicit env var, else our local file, else whatever tracking uses.
+
+    When tracking points at a team server and no registry is named, the server's own registry is
+    the right default (as in plain MLflow), not a file in this checkout.
+    """
+    if os.environ.get("MLFLOW_REGISTRY_URI"):
+        return os.environ["MLFLOW_REGISTRY_URI"]
+    return default_registry_uri() if tracking_uri() == default_tracking_uri() else tracking_uri()
+
+
+def artifact_root() -> Path:
+    return store_root() / "mlruns" / "artifacts"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+_configured: tuple[str, str] | None = None
+
+
+def configure() -> MlflowClient:
+    """Point mlflow at polyrot's stores, creating local SQLite databases once, under a file lock.
+
+    Two processes migrating one new SQLite file at once corrupt it, so the first one to arrive
+    migrates while the others wait on the lock, then find the schema ready.
+    """
+    global _configured
+    t_uri, r_uri = tracking_uri(), registry_uri()
+    if _configured != (t_uri, r_uri):
+        from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+        db = _sqlite_path(t_uri)
+        if db is not None:
+            with _file_lock(db):
+                TrackingStore(t_uri, str(artifact_root()))
+        reg = _sqlite_path(r_uri)
+        if reg is not None and reg != db:
+            with _file_lock(reg):
+                RegistryStore(r_uri)
+        mlflow.set_tracking_uri(t_uri)
+        mlflow.set_registry_uri(r_uri)
+        _configured = (t_uri, r_uri)
+    return MlflowClient(tracking_uri=t_uri, registry_uri=r_uri)
+
+
+def experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
+    """The experiment's ID, creating it with an explicit artifact location if needed.
+
+    Creation happens under the database lock: two processes creating one new experiment at once
+    misfile runs (mlflow#12259). Against a server, a lost race is resolved by reading it back.
+    """
+    client = configure()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    db = _sqlite_path(tracking_uri())
+    lock = _file_lock(db) if db is not None else contextlib.nullcontext()
+    with lock:
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = (artifact_root() / name).as_uri() if db is not None else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+
+def git_state() -> tuple[str, bool]:
+    """(commit, dirty) of the checkout polyrot runs from; ("unknown", False) outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return commit, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _param_value(value) -> str:
+    return "" if value is None else str(value)
+
+
+@dataclass
+class StageRun:
+    """An open MLflow run of one stage: metrics in batches, artifacts with recorded digests."""
+
+    run_id: str
+    client: MlflowClient
+    staging: Path
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """All of `metrics` in one call: per-value calls cost ~25 ms each on SQLite."""
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000], synchronous=True)
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i:i + 100], synchronous=True)
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        """Log params not already on the run: `mlflow run` logs its entry-point params itself."""
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, _param_value(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
+
+    def path(self, artifact_path: str) -> Path:
+        """A local path to write an artifact to before `log_artifact`."""
+        p = self.staging / artifact_path
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def log_artifact(self, artifact_path: str) -> str:
+        """Upload the staged file at `artifact_path` and record its sha256 as a run tag."""
+        local = self.staging / artifact_path
+        digest = sha256_file(local)
+        parent = os.path.dirname(artifact_path) or None
+        self.client.log_artifact(self.run_id, str(local), artifact_path=parent)
+        self.set_tags({TAG_DIGEST + artifact_path: digest})
+        return digest
+
+    def log_json(self, artifact_path: str, obj) -> str:
+        self.path(artifact_path).write_text(json.dumps(obj, indent=2, sort_keys=True))
+        return self.log_artifact(artifact_path)
+
+    def log_figure(self, artifact_path: str, fig) -> str:
+        fig.savefig(self.path(artifact_path), dpi=120, bbox_inches="tight")
+        return self.log_artifact(artifact_path)
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: Mapping[str, object],
+    *,
+    code_version: str,
+    experiment: str = DEFAULT_EXPERIMENT,
+    upstream: Mapping[str, str] | None = None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, object] | None = None,
+) -> Iterator[StageRun]:
+    """Open (or, under `mlflow run`, adopt) the run of one stage, record its provenance, close it.
+
+    The run ends FINISHED only if the body completes; any exception, Ctrl-C included, marks it
+    FAILED, so downstream lineage checks refuse half-written results.
+    """
+    client = configure()
+    adopted = os.environ.get("MLFLOW_RUN_ID")
+    if adopted:
+        run_id = adopted
+    else:
+        run_tags = {"mlflow.runName": run_name} if run_name else {}
+        if parent_run_id:
+            run_tags["mlflow.parentRunId"] = parent_run_id
+        run_id = client.create_run(experiment_id(experiment), tags=run_tags).info.run_id
+    commit, dirty = git_state()
+    with tempfile.TemporaryDirectory(prefix="polyrot-") as tmp:
+        run = StageRun(run_id, client, Path(tmp))
+        try:
+            run.set_tags({
+                TAG_STAGE: stage, TAG_VERSION: polyrot.__version__, TAG_CODE_VERSION: code_version,
+                TAG_COMMIT: commit, TAG_DIRTY: str(dirty).lower(),
+                **{TAG_UPSTREAM + role: rid for role, rid in (upstream or {}).items()},
+                **(tags or {}),
+            })
+            run.log_params(params)
+            yield run
+        except BaseException:
+            client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+            raise
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+# --- lineage ---------------------------------------------------------------------------------
+
+
+def fetch_run(run_id: str, stage: str | tuple[str, ...], *, finished: bool = True):
+    """The MLflow run `run_id`, checked to exist, be FINISHED (unless `finished=False`: resuming
+    a killed run) and belong to `stage`."""
+    client = configure()
+    stages = (stage,) if isinstance(stage, str) else stage
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise RunNotFoundError(f"run {run_id!r} not found in {tracking_uri()}") from None
+    if finished and run.info.status != "FINISHED":
+        raise RunNotFinishedError(f"run {run_id} is {run.info.status}, not FINISHED: its results are incomplete")
+    actual = run.data.tags.get(TAG_STAGE)
+    if actual not in stages:
+        raise WrongStageError(f"run {run_id} is a {actual or 'non-polyrot'} run; expected a {' or '.join(stages)} run")
+    return run
+
+
+def fetch_artifact(run_id: str, artifact_path: str, *, stage: str | tuple[str, ...], dst: Path | None = None,
+                   finished: bool = True) -> Path:
+    """Download one artifact of an upstream run after validating the run and the file's digest.
+
+    Raises a LineageError subclass with a one-line message for each way this can fail.
+    """
+    run = fetch_run(run_id, stage, finished=finished)
+    expected = run.data.tags.get(TAG_DIGEST + artifact_path)
+    if expected is None:
+        raise ArtifactMissingError(f"run {run_id} has no artifact {artifact_path!r}")
+    dst = Path(dst or tempfile.mkdtemp(prefix="polyrot-fetch-"))
+    try:
+        local = Path(configure().download_artifacts(run_id, artifact_path, str(dst)))
+    except (MlflowException, OSError):
+        raise ArtifactMissingError(f"run {run_id} has no downloadable artifact {artifact_path!r}") from None
+    if not local.is_file():
+        raise ArtifactMissingError(f"artifact {artifact_path!r} of run {run_id} is missing from the artifact store")
+    actual = sha256_file(local)
+    if actual != expected:
+        raise ArtifactCorruptError(
+            f"artifact {artifact_path!r} of run {run_id} is corrupt: sha256 {actual[:12]}… != logged {expected[:12]}…")
+    return local
+
+
+def artifact_dir(run_id: str) -> Path:
+    """Local directory of a run's artifacts (only for file-based artifact stores: tests, tamper checks)."""
+    uri = configure().get_run(run_id).info.artifact_uri
+    if not uri.startswith("file:"):
+        raise LineageError(f"run {run_id} stores artifacts remotely ({uri})")
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+    return Path(url2pathname(urlparse(uri).path))
+

@@ -1,0 +1,324 @@
+"""Training recipe, training loop and resumable training state for the Dyck-3 model.
+
+Everything here is plain torch: the loop reports evaluations and checkpoints through callbacks,
+so the tracking layer (or a notebook) decides where they go.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from polyrot import dyck
+from polyrot.errors import ParameterError
+from polyrot.model import HEADS, DyckTransformer, ModelConfig
+
+# The paper's recipe (NUMBERS.md §3): batch 512, up to 60k steps, eval every 500,
+# stop 10k steps after first reaching 99.99% min held-out accuracy.
+PAPER = dict(
+    batch_size=512, max_steps=60_000, lr=3e-3, warmup_steps=500, min_lr_ratio=0.02,
+    weight_decay=1e-4, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_every=500,
+    target_acc=0.9999, extra_steps=10_000, checkpoint_every=5_000, p_corrupt=0.0,
+)
+# The CPU default: the same optimiser and schedule shape, sized for 2 cores (see README).
+CPU = dict(
+    PAPER, batch_size=128, max_steps=14_000, lr=3e-3, eval_every=500,
+    extra_steps=1_000, checkpoint_every=2_000,
+)
+PROFILES = {"cpu": CPU, "paper": PAPER}
+
+CHUNK_ROWS = 8192  # training sequences generated at once; generation alone per batch costs ~15%
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    profile: str = "cpu"
+    batch_size: int = CPU["batch_size"]
+    max_steps: int = CPU["max_steps"]
+    lr: float = CPU["lr"]
+    warmup_steps: int = CPU["warmup_steps"]
+    min_lr_ratio: float = CPU["min_lr_ratio"]
+    weight_decay: float = CPU["weight_decay"]
+    beta1: float = CPU["beta1"]
+    beta2: float = CPU["beta2"]
+    grad_clip: float = CPU["grad_clip"]
+    eval_every: int = CPU["eval_every"]
+    target_acc: float = CPU["target_acc"]
+    extra_steps: int = CPU["extra_steps"]
+    checkpoint_every: int = CPU["checkpoint_every"]
+    # Fraction of valid-walk training sequences given one wrong-family closer: the valid head's
+    # hardest case (a first violation deep in the stack) is rare in the paper's mix.
+    p_corrupt: float = CPU["p_corrupt"]
+    eval_sequences: int = 2048      # per split, at every evaluation
+    confirm_sequences: int = 16384  # per split, to confirm a crossing of target_acc (~10^6 tokens)
+    threads: int = 0                # torch threads; 0 keeps torch's default
+
+    def __post_init__(self):
+        if self.profile not in PROFILES:
+            raise ParameterError(f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
+        for name in ("batch_size", "max_steps", "eval_every", "checkpoint_every", "eval_sequences",
+                     "confirm_sequences"):
+            if getattr(self, name) <= 0:
+                raise ParameterError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ParameterError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "extra_steps", "weight_decay", "threads"):
+            if getattr(self, name) < 0:
+                raise ParameterError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if not 0 < self.target_acc <= 1:
+            raise ParameterError(f"target_acc must be in (0, 1], got {self.target_acc}")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.p_corrupt <= 1:
+            raise ParameterError("min_lr_ratio and p_corrupt must lie in [0, 1]")
+
+    @classmethod
+    def from_profile(cls, profile: str = "cpu", **overrides) -> TrainConfig:
+        if profile not in PROFILES:
+            raise ParameterError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        base = {k: v for k, v in PROFILES[profile].items()}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(profile=profile, **base)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then one cosine from the peak down to min_lr_ratio × peak at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def loss_fn(logits: dict[str, torch.Tensor], batch: dyck.Batch) -> torch.Tensor:
+    """Sum over the three heads of the masked mean cross-entropy (PAD positions excluded)."""
+    mask = batch.mask
+    return sum(F.cross_entropy(logits[h][mask], getattr(batch, h)[mask]) for h in HEADS)
+
+
+class TrainingStream:
+    """An endless, deterministic stream of training batches: chunk i is generated from (seed, i).
+
+    The stream position (rows consumed) is the whole of the data RNG state, so a resumed run
+    draws exactly the batches an uninterrupted run would have.
+    """
+
+    def __init__(self, seed: int, p_corrupt: float = 0.0, rows_consumed: int = 0):
+        self.seed, self.p_corrupt, self.rows = seed, p_corrupt, rows_consumed
+        self._chunk_index, self._chunk = -1, None
+
+    def _load(self, index: int) -> dyck.Batch:
+        if index != self._chunk_index:
+            self._chunk = dyck.generate("train", CHUNK_ROWS, seed=[self.seed, index],
+                                        p_corrupt=self.p_corrupt)
+            self._chunk_index = index
+        return self._chunk
+
+    def next(self, batch_size: int) -> dyck.Batch:
+        start = self.rows % CHUNK_ROWS
+        chunk = self._load(self.rows // CHUNK_ROWS)
+        if start + batch_size > CHUNK_ROWS:
+            self.rows += CHUNK_ROWS - start  # drop the tail rather than stitch chunks
+            return self.next(batch_size)
+        self.rows += batch_size
+        return chunk.select(slice(start, start + batch_size))
+
+
+@dataclass
+class EvalSets:
+    """Held-out batches per split, fixed across seeds so every seed is judged on the same data."""
+
+    batches: dict[str, dyck.Batch]
+
+    @classmethod
+    def build(cls, n_sequences: int, seed: int = 777) -> EvalSets:
+        return cls({s: dyck.generate(s, n_sequences, seed=[seed, i]) for i, s in enumerate(dyck.SPLITS)})
+
+
+@torch.no_grad()
+def evaluate(model: DyckTransformer, sets: EvalSets, chunk: int = 4096) -> dict[str, float]:
+    """Per-split, per-head accuracy and loss over non-PAD positions, and their minimum accuracy."""
+    model.eval()
+    out: dict[str, float] = {}
+    for split, batch in sets.batches.items():
+        correct = {h: 0 for h in HEADS}
+        loss_sum = {h: 0.0 for h in HEADS}
+        n = int(batch.mask.sum())
+        for lo in range(0, len(batch), chunk):
+            part = batch.select(slice(lo, lo + chunk))
+            logits = model(part.tokens)
+            m = part.mask
+            for h in HEADS:
+                lg, y = logits[h][m], getattr(part, h)[m]
+                correct[h] += int((lg.argmax(-1) == y).sum())
+                loss_sum[h] += float(F.cross_entropy(lg, y, reduction="sum"))
+        for h in HEADS:
+            out[f"acc.{split}.{h}"] = correct[h] / n
+            out[f"loss.{split}.{h}"] = loss_sum[h] / n
+    out["acc.min"] = min(v for k, v in out.items() if k.startswith("acc."))
+    model.train()
+    return out
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue training bit-identically."""
+
+    model: DyckTransformer
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    rows_consumed: int = 0
+    first_crossing: int | None = None           # step at which target_acc was first confirmed
+    milestones: dict[str, int] = field(default_factory=dict)  # "0.99" -> first step reaching it
+
+
+def make_optimizer(model: DyckTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             weight_decay=cfg.weight_decay)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as flat tensors plus JSON metadata (safetensors holds no pickles)."""
+    sd = opt.state_dict()
+    tensors = {f"optim.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+MILESTONES = (0.99, 0.999, 0.9999)
+
+EvalCallback = Callable[[int, dict[str, float]], None]
+CheckpointCallback = Callable[[TrainState, str], None]
+
+
+def train(
+    state: TrainState,
+    cfg: TrainConfig,
+    *,
+    on_eval: EvalCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    progress: bool = True,
+) -> TrainState:
+    """Run the recipe from state.step until max_steps, or extra_steps after the first crossing.
+
+    on_eval(step, metrics) receives every evaluation; on_checkpoint(state, tag) receives the
+    state every checkpoint_every steps (tag "step-NNNNNN") and at each accuracy milestone
+    (tag "first-0.99", ...), so a caller can persist them.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, opt = state.model, state.optimizer
+    model.train()
+    stream = TrainingStream(cfg.seed, cfg.p_corrupt, state.rows_consumed)
+    quick, confirm = EvalSets.build(cfg.eval_sequences), None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    started = time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not progress, desc=f"seed {cfg.seed}",
+               dynamic_ncols=True)
+    running_loss = None
+    while state.step < cfg.max_steps:
+        if state.first_crossing is not None and state.step >= state.first_crossing + cfg.extra_steps:
+            break
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, state.step)
+        batch = stream.next(cfg.batch_size)
+        loss = loss_fn(model(batch.tokens), batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        opt.step()
+        state.step += 1
+        state.rows_consumed = stream.rows
+        value = loss.item()
+        running_loss = value if running_loss is None else 0.98 * running_loss + 0.02 * value
+        bar.update(1)
+
+        if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+            metrics = evaluate(model, quick)
+            if metrics["acc.min"] >= min(MILESTONES[0], cfg.target_acc):
+                # The quick set cannot resolve 99.99%: confirm milestones on ~10^6 tokens per split.
+                confirm = confirm or EvalSets.build(cfg.confirm_sequences, seed=778)
+                metrics.update({f"confirm.{k}": v for k, v in evaluate(model, confirm).items()})
+            metrics["train.loss"] = running_loss
+            metrics["lr"] = learning_rate(cfg, state.step - 1)
+            metrics["wall_s"] = time.perf_counter() - started
+            best = metrics.get("confirm.acc.min", 0.0)
+            for m in MILESTONES:
+                if best >= m and str(m) not in state.milestones:
+                    state.milestones[str(m)] = state.step
+                    if on_checkpoint:
+                        on_checkpoint(state, f"first-{m}")
+            if state.first_crossing is None and best >= cfg.target_acc:
+                state.first_crossing = state.step
+            metrics["acc.min.confirmed"] = best
+            if on_eval:
+                on_eval(state.step, metrics)
+            bar.set_postfix(loss=f"{running_loss:.4f}", min_acc=f"{metrics['acc.min']:.5f}")
+        if on_checkpoint and state.step % cfg.checkpoint_every == 0:
+            on_checkpoint(state, f"step-{state.step:06d}")
+    bar.close()
+    return state
+
+
+def new_state(cfg: TrainConfig, shared_io: dict[str, torch.Tensor] | None = None) -> TrainState:
+    """A fresh model for cfg.seed; with `shared_io`, those tensors are copied in and frozen (Cohort A)."""
+    model = DyckTransformer(seed=cfg.seed)
+    for name, tensor in (shared_io or {}).items():
+        param = getattr(model, name)
+        if param.shape != tensor.shape:
+            raise ValueError(f"shared {name} has shape {tuple(tensor.shape)}, this model needs {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor)
+        param.requires_grad_(False)
+    return TrainState(model, make_optimizer(model, cfg))
+
+
+def checkpoint_payload(state: TrainState, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, json) that `restore_checkpoint` turns back into an identical TrainState."""
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in state.model.state_dict().items()}
+    opt_tensors, opt_meta = optimizer_tensors(state.optimizer)
+    tensors.update({k: v.detach().clone().contiguous() for k, v in opt_tensors.items()})
+    meta = {
+        "step": state.step, "rows_consumed": state.rows_consumed, "first_crossing": state.first_crossing,
+        "milestones": state.milestones, "train_config": cfg.to_dict(), "optimizer": opt_meta,
+        "model_config": state.model.cfg.to_dict(),
+        "frozen": [n for n, p in state.model.named_parameters() if not p.requires_grad],
+    }
+    return tensors, meta
+
+
+def restore_checkpoint(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[TrainState, TrainConfig]:
+    cfg = TrainConfig.from_dict(meta["train_config"])
+    model = DyckTransformer(ModelConfig.from_dict(meta["model_config"]))
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    for name in meta["frozen"]:
+        model.get_parameter(name).requires_grad_(False)
+    opt = make_optimizer(model, cfg)
+    load_optimizer_tensors(opt, tensors, meta["optimizer"])
+    state = TrainState(model, opt, step=meta["step"], rows_consumed=meta["rows_consumed"],
+                       first_crossing=meta["first_crossing"], milestones=dict(meta["milestones"]))
+    return state, cfg

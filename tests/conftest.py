@@ -1,0 +1,44 @@
+"""Shared fixtures: a temporary polyrot store per test session, and tiny trained seeds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: Hugging Face lookups must resolve locally or fail fast.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+TINY_TRAIN = dict(max_steps=40, eval_every=20, checkpoint_every=20, batch_size=32, eval_sequences=64,
+                  confirm_sequences=64, threads=1)
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> Path:
+    """One temporary tracking + registry store for the whole session (a new SQLite store costs
+    seconds of migrations, so it is created once)."""
+    root = tmp_path_factory.mktemp("polyrot-home")
+    saved = {k: os.environ.get(k) for k in ("POLYROT_HOME", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    os.environ["POLYROT_HOME"] = str(root)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    from polyrot import tracking
+
+    tracking.configure()
+    yield root
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def seed_run(store) -> str:
+    """A tiny Cohort B train_seed run, shared by every test that needs a finished model run."""
+    from polyrot.stages import STAGES
+
+    return STAGES["train_seed"](seed=0, experiment="tests", **TINY_TRAIN)

@@ -1,0 +1,176 @@
+"""The train_seed stage against a temporary store: what a run records, Cohort A, resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from polyrot import tracking
+from polyrot.cli import main
+from polyrot.model import SHARED_IO
+from polyrot.stages import STAGES
+from polyrot.stages.train_seed import load_seed
+from tests.conftest import TINY_TRAIN
+
+BIN = Path(sys.executable).parent
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def tiny_flags(**overrides) -> list[str]:
+    opts = {**TINY_TRAIN, **overrides}
+    return [f for k, v in opts.items() for f in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def test_a_run_records_params_metrics_artifacts_and_provenance(seed_run):
+    run = MlflowClient().get_run(seed_run)
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert tags[tracking.TAG_STAGE] == "train_seed" and tags["polyrot.cohort"] == "B"
+    assert tags[tracking.TAG_VERSION] and len(tags[tracking.TAG_COMMIT]) in (40, 7) or tags[tracking.TAG_COMMIT] == "unknown"
+    assert tags[tracking.TAG_DIRTY] in ("true", "false")
+    assert params["seed"] == "0" and params["max_steps"] == "40" and params["profile"] == "cpu"
+    assert params["recipe.lr"] == "0.003" and params["recipe.batch_size"] == "32"
+    for key in ("acc.train.tok", "acc.compositional.depth", "acc.long.valid", "loss.train.tok", "acc.min",
+                "final.acc.min", "train.loss"):
+        assert key in metrics
+    history = MlflowClient().get_metric_history(seed_run, "acc.min")
+    assert [m.step for m in history] == [20, 40]
+    artifacts = tracking.artifact_dir(seed_run)
+    for path in ("model.safetensors", "config.json", "train.json", "checkpoints/step-000020.safetensors",
+                 "checkpoints/step-000020.json", "checkpoints/step-000040.safetensors"):
+        assert (artifacts / path).is_file()
+        assert tags[tracking.TAG_DIGEST + path] == tracking.sha256_file(artifacts / path)
+    state = json.loads((artifacts / "checkpoints/step-000020.json").read_text())
+    assert state["step"] == 20 and state["rows_consumed"] == 20 * 32
+
+
+def test_cohort_a_keeps_the_shared_io_bit_identical(seed_run):
+    run_id = STAGES["train_seed"](seed=1, shared_io_from=seed_run, experiment="tests", **TINY_TRAIN)
+    run = MlflowClient().get_run(run_id)
+    assert run.data.tags[tracking.TAG_UPSTREAM + "shared_io"] == seed_run
+    assert run.data.tags["polyrot.shared_io_identical"] == "true" and run.data.tags["polyrot.cohort"] == "A"
+    source = load_file(tracking.artifact_dir(seed_run) / "model.safetensors")
+    trained = load_file(tracking.artifact_dir(run_id) / "model.safetensors")
+    for key in SHARED_IO:
+        assert torch.equal(source[key], trained[key]), key
+    assert not torch.equal(source["blocks.0.mlp.W_in"], trained["blocks.0.mlp.W_in"])
+
+
+def test_killed_run_resumes_to_the_uninterrupted_weights(store):
+    flags = tiny_flags(seed=5, max_steps=400, checkpoint_every=100, eval_every=100, experiment="tests")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(BIN / "polyrot"), "train-seed", *flags], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tests").experiment_id
+    deadline, killed = time.time() + 120, None
+    while time.time() < deadline and killed is None:
+        time.sleep(0.2)
+        for r in client.search_runs([exp], "params.seed = '5' and attributes.status = 'RUNNING'"):
+            if any(k.endswith("step-000100.json") for k in r.data.tags):
+                proc.send_signal(signal.SIGKILL)
+                killed = r.info.run_id
+    proc.wait()
+    assert killed, "the training run never reached its first checkpoint"
+    assert client.get_run(killed).info.status == "RUNNING"  # SIGKILL leaves no chance to clean up
+
+    resumed = cli("train-seed", "--resume", killed, "--threads", "1", "--experiment", "tests")
+    assert resumed.exit_code == 0, resumed.output
+    resumed_id = resumed.stdout.strip()
+    full = STAGES["train_seed"](**{**TINY_TRAIN, "seed": 5, "max_steps": 400, "checkpoint_every": 100,
+                                   "eval_every": 100, "experiment": "tests"})
+    a = load_file(tracking.artifact_dir(full) / "model.safetensors")
+    b = load_file(tracking.artifact_dir(resumed_id) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert MlflowClient().get_run(resumed_id).data.tags[tracking.TAG_UPSTREAM + "resume"] == killed
+
+
+def one_line_error(result, pattern: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output and not result.stdout, result.output
+    assert pattern in lines[0], lines[0]
+
+
+def test_unknown_run_id(store):
+    one_line_error(cli("train-seed", "--shared-io-from", "0123456789abcdef0123456789abcdef"), "not found")
+
+
+def test_unfinished_run(store):
+    client = MlflowClient()
+    exp = tracking.experiment_id("tests")
+    run = client.create_run(exp, tags={tracking.TAG_STAGE: "train_seed"})
+    one_line_error(cli("train-seed", "--shared-io-from", run.info.run_id), "RUNNING, not FINISHED")
+
+
+def test_run_of_another_stage(store):
+    with tracking.stage_run("other_stage", {}, code_version="1", experiment="tests") as run:
+        pass
+    one_line_error(cli("train-seed", "--shared-io-from", run.run_id), "expected a train_seed run")
+
+
+def test_tampered_artifact(seed_run, tmp_path):
+    weights = tracking.artifact_dir(seed_run) / "model.safetensors"
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original[:-8] + b"\x00" * 8)
+        one_line_error(cli("train-seed", "--shared-io-from", seed_run), "corrupt")
+    finally:
+        weights.write_bytes(original)
+    assert load_seed(seed_run) is not None
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-steps", "0", "--max-steps must be positive"),
+    ("--batch-size", "-4", "--batch-size must be positive"),
+    ("--lr", "0", "--lr must be positive"),
+    ("--lr", "fast", "--lr expects float"),
+    ("--profile", "gpu", "--profile must be one of cpu, paper"),
+])
+def test_bad_parameters(store, flag, value, message):
+    client = MlflowClient()
+    before = len(client.search_runs([tracking.experiment_id("tests")]))
+    one_line_error(cli("train-seed", flag, value, "--experiment", "tests"), message)
+    assert len(client.search_runs([tracking.experiment_id("tests")])) == before  # nothing was started
+
+
+def test_a_failure_inside_a_run_marks_it_failed(store):
+    with pytest.raises(RuntimeError):
+        with tracking.stage_run("train_seed", {"x": 1}, code_version="1", experiment="tests") as run:
+            raise RuntimeError("boom")
+    assert MlflowClient().get_run(run.run_id).info.status == "FAILED"
+
+
+def test_mlflow_run_entry_point_matches_the_cli(store):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": tracking.tracking_uri(), "MLFLOW_REGISTRY_URI": tracking.registry_uri()}
+    cmd = [str(BIN / "mlflow"), "run", str(repo), "-e", "train_seed", "--env-manager", "local",
+           "--experiment-name", "tests"] + [x for k, v in {**TINY_TRAIN, "seed": 2}.items() for x in ("-P", f"{k}={v}")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    client = MlflowClient()
+    [run] = client.search_runs([tracking.experiment_id("tests")], "params.seed = '2'")
+    assert run.info.status == "FINISHED" and run.data.tags[tracking.TAG_STAGE] == "train_seed"
+    assert run.data.params["recipe.max_steps"] == "40"
+    assert (tracking.artifact_dir(run.info.run_id) / "model.safetensors").is_file()
+    via_cli = STAGES["train_seed"](seed=2, experiment="tests-cli", **TINY_TRAIN)
+    a = load_file(tracking.artifact_dir(run.info.run_id) / "model.safetensors")
+    b = load_file(tracking.artifact_dir(via_cli) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mlproject_is_generated_from_the_stage_definitions():
+    assert cli("mlproject", "--check").exit_code == 0
