@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -50,6 +51,11 @@ TAG_COMMIT = "polyrot.git_commit"
 TAG_DIRTY = "polyrot.git_dirty"
 TAG_UPSTREAM = "polyrot.upstream."   # + role, value = run ID
 TAG_DIGEST = "polyrot.sha256."       # + artifact path, value = hex digest
+TAG_REUSE_KEY = "polyrot.reuse_key"  # stage + code version + parameters: equal keys, equal results
+TAG_HOST, TAG_PID = "polyrot.host", "polyrot.pid"  # who runs it: tells a stale RUNNING run from a live one
+
+# Parameters that do not change a stage's results, so they stay out of the reuse key.
+NOT_IN_REUSE_KEY = ("experiment", "parent_run", "threads")
 
 
 def store_root() -> Path:
@@ -179,6 +185,55 @@ def _param_value(value) -> str:
     return "" if value is None else str(value)
 
 
+def reuse_key(stage: str, code_version: str, params: Mapping[str, object]) -> str:
+    """Digest of what determines a stage's results; upstream run IDs are parameters, so they count."""
+    payload = {"stage": stage, "code_version": code_version,
+               # Unset options stay out too, so adding an optional parameter to a stage keeps old keys valid.
+               "params": {k: _param_value(v) for k, v in params.items() if k not in NOT_IN_REUSE_KEY and v is not None}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def find_finished_run(experiment: str, key: str) -> str | None:
+    """The newest FINISHED run of `experiment` with this reuse key, if any."""
+    client = configure()
+    runs = client.search_runs([experiment_id(experiment)],
+                              f"tags.`{TAG_REUSE_KEY}` = '{key}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def fail_stale_runs(experiment: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of this host whose process is gone (killed with -9, power loss).
+
+    Runs of other hosts are left alone: from here a live remote run looks the same as a dead one.
+    """
+    client = configure()
+    stale = []
+    for run in client.search_runs([experiment_id(experiment)], "attributes.status = 'RUNNING'", max_results=10_000):
+        tags = run.data.tags
+        if tags.get(TAG_HOST) != socket.gethostname() or not tags.get(TAG_PID, "").isdigit():
+            continue
+        if not _process_alive(int(tags[TAG_PID])):
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+            stale.append(run.info.run_id)
+    return stale
+
+
+def _process_alive(pid: int) -> bool:
+    """True for a live process; a zombie (killed, never reaped by an init that does not reap) is dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
 @dataclass
 class StageRun:
     """An open MLflow run of one stage: metrics in batches, artifacts with recorded digests."""
@@ -263,6 +318,8 @@ def stage_run(
             run.set_tags({
                 TAG_STAGE: stage, TAG_VERSION: polyrot.__version__, TAG_CODE_VERSION: code_version,
                 TAG_COMMIT: commit, TAG_DIRTY: str(dirty).lower(),
+                TAG_REUSE_KEY: reuse_key(stage, code_version, params),
+                TAG_HOST: socket.gethostname(), TAG_PID: os.getpid(),
                 **{TAG_UPSTREAM + role: rid for role, rid in (upstream or {}).items()},
                 **(tags or {}),
             })

@@ -41,7 +41,7 @@ def test_a_run_records_params_metrics_artifacts_and_provenance(seed_run):
     assert tags[tracking.TAG_VERSION] and len(tags[tracking.TAG_COMMIT]) in (40, 7) or tags[tracking.TAG_COMMIT] == "unknown"
     assert tags[tracking.TAG_DIRTY] in ("true", "false")
     assert params["seed"] == "0" and params["max_steps"] == "40" and params["profile"] == "cpu"
-    assert params["recipe.lr"] == "0.003" and params["recipe.batch_size"] == "32"
+    assert params["recipe.lr"] == "0.002" and params["recipe.batch_size"] == "32"
     for key in ("acc.train.tok", "acc.compositional.depth", "acc.long.valid", "loss.train.tok", "acc.min",
                 "final.acc.min", "train.loss"):
         assert key in metrics

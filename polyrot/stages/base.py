@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from polyrot.dyck import SPLITS, BatchSpec
 from polyrot.errors import ParameterError
 
 REQUIRED = object()
@@ -23,10 +24,11 @@ class Option:
     help: str = ""
     choices: tuple[str, ...] | None = None
     check: Callable[[object], str | None] | None = None  # returns an error message or None
+    positional: bool = False  # a CLI argument (`polyrot reproduce NAME`) rather than an option
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.name.upper() if self.positional else "--" + self.name.replace("_", "-")
 
     def parse(self, raw):
         """Convert a CLI/MLproject value; "" means "not given" so MLproject can pass optionals."""
@@ -100,3 +102,25 @@ class Stage:
     def __call__(self, **raw) -> str:
         """Run the stage from Python: polyrot.stages.STAGES['train_seed'](seed=0)."""
         return self.run(self.parse(raw))
+
+
+def batch_options(default: BatchSpec, prefix: str = "batch") -> tuple[Option, ...]:
+    """Options describing a BatchSpec (`--batch-seed`, `--batch-sequences`, ...), defaulting to `default`."""
+    return (
+        Option(f"{prefix}_name", str, default.name, "name of the batch spec (a label)"),
+        Option(f"{prefix}_seed", int, default.seed, "seed that regenerates the batch bit-identically"),
+        Option(f"{prefix}_sequences", int, default.n_sequences, "number of sequences", check=positive),
+        Option(f"{prefix}_min_len", int, default.min_len, "shortest content length", check=positive),
+        Option(f"{prefix}_max_len", int, default.max_len, "longest content length", check=positive),
+        Option(f"{prefix}_split", str, default.split, "split to draw from", choices=SPLITS),
+    )
+
+
+def batch_spec(params: dict, prefix: str = "batch") -> BatchSpec:
+    """The BatchSpec that `batch_options(prefix=prefix)` parameters describe."""
+    try:
+        return BatchSpec(name=params[f"{prefix}_name"], seed=params[f"{prefix}_seed"],
+                         n_sequences=params[f"{prefix}_sequences"], min_len=params[f"{prefix}_min_len"],
+                         max_len=params[f"{prefix}_max_len"], split=params[f"{prefix}_split"])
+    except ValueError as exc:
+        raise ParameterError(str(exc)) from None

@@ -1,0 +1,105 @@
+"""Wall time and steps for one seed to reach 99%, 99.9% and 99.99% min held-out accuracy.
+
+Trains with polyrot.train directly (no MLflow). The accuracy is the minimum over every split and
+output head, and a milestone counts once it is confirmed on ~10^6 tokens per split (the training
+loop's own confirmation); the wall time includes the loop's evaluations, as a real run's does.
+The eval history goes to benchmarks/results/ as JSON for plotting. A full run takes 20-60 min.
+
+    .venv/bin/python benchmarks/time_to_accuracy.py [--profile cpu] [--seed 0] [--threads 1] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from polyrot.dyck import HEADS, SPLITS
+from polyrot.train import MILESTONES, PROFILES, TrainConfig, new_state, train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def shown(load: list[float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load) + " (1/5/15 min)"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (the profile's default otherwise)")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--p-corrupt", type=float)
+    parser.add_argument("--eval-every", type=int)
+    # The profile's extra steps after reaching the target only matter to a trained model's quality.
+    parser.add_argument("--extra-steps", type=int, default=0,
+                        help="steps to keep training after 99.99%% is confirmed (default 0: stop there)")
+    parser.add_argument("--out", type=Path, help="JSON path (default: a new file in benchmarks/results/)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = TrainConfig.from_profile(
+        args.profile, seed=args.seed, threads=args.threads, max_steps=args.max_steps,
+        batch_size=args.batch_size, lr=args.lr, p_corrupt=args.p_corrupt, eval_every=args.eval_every,
+        extra_steps=args.extra_steps,
+    )
+    out = args.out or RESULTS / f"time_to_accuracy-{cfg.profile}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    load_start = load_average()
+    print(f"torch {torch.__version__}; load average at start {shown(load_start)} on {os.cpu_count()} CPUs")
+    print(f"profile {cfg.profile}, seed {cfg.seed}, batch {cfg.batch_size}, lr {cfg.lr}, "
+          f"p_corrupt {cfg.p_corrupt}, max {cfg.max_steps} steps, threads {cfg.threads or 'default'}")
+
+    history: list[dict] = []
+
+    def on_eval(step: int, metrics: dict[str, float]) -> None:
+        # The load beside each evaluation tells which stretch of a long run was slowed by others.
+        history.append({"step": step, "load1": load_average()[0], **metrics})
+        confirmed = f"{metrics['confirm.acc.min']:.5f}" if "confirm.acc.min" in metrics else "-"
+        print(f"step {step:>6}  {metrics['wall_s']:>7.0f} s  loss {metrics['train.loss']:.4f}  "
+              f"min acc {metrics['acc.min']:.5f}  confirmed {confirmed}", flush=True)
+
+    state = train(new_state(cfg), cfg, on_eval=on_eval, progress=False)
+    load_end = load_average()
+
+    wall_at = {record["step"]: record["wall_s"] for record in history}
+    milestones = {str(m): {"step": state.milestones[str(m)], "wall_s": wall_at[state.milestones[str(m)]]}
+                  for m in MILESTONES if str(m) in state.milestones}
+    print(f"\nfinished at step {state.step}; min held-out accuracy confirmed on ~10^6 tokens per split:")
+    for m in MILESTONES:
+        reached = milestones.get(str(m))
+        when = f"step {reached['step']:>6}, {reached['wall_s']:>7.0f} s" if reached else "not reached"
+        print(f"  {m:.2%}: {when}")
+
+    last = history[-1]
+    # The confirmation set only exists once the quick accuracy reached 99%; before that, the quick one.
+    prefix = "confirm." if "confirm.acc.min" in last else ""
+    print(f"\naccuracy at step {last['step']} ({'confirmation' if prefix else 'quick'} set):")
+    print(f"  {'split':<14}" + "".join(f"{h:>10}" for h in HEADS))
+    for split in SPLITS:
+        print(f"  {split:<14}" + "".join(f"{last[f'{prefix}acc.{split}.{h}']:>10.5f}" for h in HEADS))
+    print(f"\nload average at start {shown(load_start)}, at end {shown(load_end)}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "config": cfg.to_dict(), "torch": torch.__version__, "cpus": os.cpu_count(),
+        "load_average": {"start": load_start, "end": load_end}, "final_step": state.step,
+        "milestones": milestones, "history": history,
+    }, indent=1))
+    print(f"eval history: {out}")
+
+
+if __name__ == "__main__":
+    main()

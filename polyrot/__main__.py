@@ -1,0 +1,3 @@
+from polyrot.cli import main
+
+main()

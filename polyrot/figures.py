@@ -1,0 +1,68 @@
+"""Figure builders: data in, a matplotlib Figure out.
+
+No pyplot: a bare Figure keeps no global state, so stages can build figures in any thread or
+process and save them with `Figure.savefig` (StageRun.log_figure).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+# Colour-blind-safe (Wong) colours, one per EV series of figure 1.
+EV_SERIES = (
+    ("sae_self_ev", "self (source SAE, source acts)", "#000000"),
+    ("sae_raw_ev", "raw cross-seed", "#D55E00"),
+    ("sae_rotated_ev", "rotated", "#009E73"),
+    ("sae_gaussian_ev", "Gaussian (source mean, cov)", "#56B4E9"),
+)
+
+
+def ev_by_site(table: pd.DataFrame, title: str = "Source SAE explained variance by site") -> Figure:
+    """The paper's figure 1: per site, grouped bars of the EV columns in EV_SERIES.
+
+    `table` has one row per site x target (audit.csv); a bar is the mean over a site's rows and
+    its whisker spans their min to max, so a spread across target seeds stays visible.
+    """
+    sites = list(dict.fromkeys(table["site"]))
+    grouped = table.groupby("site", sort=False)
+    fig = Figure(figsize=(1.2 * len(sites) + 2.5, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(sites))
+    width = 0.8 / len(EV_SERIES)
+    for i, (column, label, color) in enumerate(EV_SERIES):
+        mean = grouped[column].mean().reindex(sites).to_numpy()
+        spread = np.stack([mean - grouped[column].min().reindex(sites).to_numpy(),
+                           grouped[column].max().reindex(sites).to_numpy() - mean])
+        ax.bar(x + (i - (len(EV_SERIES) - 1) / 2) * width, mean, width, yerr=spread, capsize=2,
+               color=color, label=label)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_xticks(x, sites, rotation=30, ha="right")
+    ax.set_ylabel("explained variance")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower left")
+    return fig
+
+
+def eigen_angle_histogram(angles: np.ndarray, haar: np.ndarray, ks: dict, null_angles: np.ndarray | None = None,
+                          bins: int = 24) -> Figure:
+    """The paper's figure 2: eigen-angles |arg lambda| in [0, pi] of the fitted rotations, pooled,
+    against those of Haar-random O(d) draws; `ks` is the pooled two-sample KS result
+    ({"statistic", "pvalue"}) printed in the title, `null_angles` an optional third histogram."""
+    edges = np.linspace(0.0, np.pi, bins + 1)
+    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    ax.hist(angles, bins=edges, density=True, color="#009E73", alpha=0.7, label=f"fitted R (n={len(angles):,})")
+    ax.hist(haar, bins=edges, density=True, histtype="step", color="black", linewidth=1.5,
+            label=f"Haar O(d) (n={len(haar):,})")
+    if null_angles is not None:
+        ax.hist(null_angles, bins=edges, density=True, histtype="step", color="#D55E00", linestyle="--",
+                linewidth=1.2, label=f"untrained pair (n={len(null_angles):,})")
+    ax.set_xlim(0.0, np.pi)
+    ax.set_xticks([0, np.pi / 4, np.pi / 2, 3 * np.pi / 4, np.pi], ["0", "π/4", "π/2", "3π/4", "π"])
+    ax.set_xlabel("eigen-angle |θ|")
+    ax.set_ylabel("density")
+    ax.set_title(f"Eigen-angles of R vs Haar: KS statistic {ks['statistic']:.4f}, p = {ks['pvalue']:.3g}")
+    ax.legend(fontsize=8)
+    return fig

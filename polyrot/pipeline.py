@@ -1,0 +1,275 @@
+"""Experiments as stage graphs: load a projects/*.yaml definition, reuse finished runs, run the rest.
+
+An experiment file names nodes; each node is one stage with its parameters. A parameter value
+"@node" is that node's run ID, "@prefix*" the comma-joined run IDs of every node whose id starts
+with prefix. `matrix` expands one node into several ("{seed}" in ids and values is replaced).
+`profiles` give per-stage default parameters (cpu, paper, ...) under the nodes' own.
+
+Every node runs as a plain command line, `polyrot STAGE --param value ... --parent-run ID`, so a
+batch system can run the same graph: the executor is the small part to replace. A node whose
+stage, code version and parameters (upstream run IDs included) match a FINISHED run of the
+experiment is reused, not rerun — so an interrupted reproduction continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from polyrot.errors import PolyrotError
+from polyrot.stages import STAGES
+from polyrot.stages.base import Stage
+
+PROJECTS = Path(__file__).resolve().parents[1] / "projects"
+_REF = re.compile(r"^@([A-Za-z0-9_.\-]+)(\*?)$")
+
+
+class ExperimentError(PolyrotError):
+    pass
+
+
+@dataclass
+class Node:
+    id: str
+    stage: Stage
+    params: dict[str, str]  # raw values, "@refs" unresolved
+    line: int
+
+    @property
+    def refs(self) -> list[str]:
+        return [m.group(0) for v in self.params.values() for part in str(v).split(",")
+                if (m := _REF.match(part.strip()))]
+
+
+@dataclass
+class Experiment:
+    name: str
+    description: str
+    profile: str
+    nodes: dict[str, Node] = field(default_factory=dict)
+    path: Path | None = None
+
+    def upstream(self, node: Node) -> list[str]:
+        """Ids of the nodes `node` reads from."""
+        deps = []
+        for ref in node.refs:
+            m = _REF.match(ref)
+            if m.group(2):
+                deps += [n for n in self.nodes if n.startswith(m.group(1)) and n != node.id]
+            else:
+                deps.append(m.group(1))
+        return deps
+
+    def order(self) -> list[str]:
+        """Node ids in dependency order (definition order among independent nodes)."""
+        done: list[str] = []
+        pending = list(self.nodes)
+        while pending:
+            ready = [n for n in pending if all(d in done for d in self.upstream(self.nodes[n]))]
+            if not ready:
+                raise ExperimentError(f"experiment {self.name}: dependency cycle among {', '.join(pending)}")
+            done += ready
+            pending = [n for n in pending if n not in ready]
+        return done
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in PROJECTS.glob("*.yaml"))
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A YAML loader that remembers each mapping's line, so errors can point at it."""
+
+
+def _mapping_with_line(loader, node):
+    mapping = loader.construct_mapping(node, deep=True)
+    mapping["__line__"] = node.start_mark.line + 1
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_with_line)
+
+
+def _expand(entry: dict) -> list[tuple[str, dict]]:
+    matrix = entry.get("matrix") or {}
+    keys = [k for k in matrix if k != "__line__"]
+    combos = itertools.product(*(matrix[k] for k in keys)) if keys else [()]
+    out = []
+    for combo in combos:
+        values = dict(zip(keys, combo))
+        fill = (lambda s: str(s).format(**values)) if values else str
+        params = {k: fill(v) for k, v in (entry.get("params") or {}).items() if k != "__line__"}
+        out.append((fill(entry["id"]), params))
+    return out
+
+
+def load_experiment(name: str, profile: str = "cpu") -> Experiment:
+    """Parse and validate an experiment before any run starts; every error names file and line."""
+    path = Path(name) if name.endswith(".yaml") else PROJECTS / f"{name}.yaml"
+    if not path.is_file():
+        raise ExperimentError(f"unknown experiment {name!r}; available: {', '.join(available())}")
+    where = f"{path.name}"
+    try:
+        doc = yaml.load(path.read_text(), Loader=_LineLoader)
+    except yaml.MarkedYAMLError as exc:
+        # The context mark is where the broken construct opened; the problem mark may be end of file.
+        mark = exc.context_mark or exc.problem_mark
+        raise ExperimentError(f"{where}:{mark.line + 1}: malformed YAML: {exc.context or ''} {exc.problem}".replace("  ", " ")) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
+        raise ExperimentError(f"{where}: an experiment needs a top-level 'nodes' list")
+    profiles = doc.get("profiles") or {}
+    if profile not in profiles:
+        raise ExperimentError(f"{where}: no profile {profile!r}; it has: {', '.join(k for k in profiles if k != '__line__')}")
+    defaults = profiles[profile] or {}
+    exp = Experiment(doc.get("name", path.stem), doc.get("description", ""), profile, path=path)
+    for entry in doc["nodes"]:
+        line = entry.get("__line__", 0) if isinstance(entry, dict) else 0
+        if not isinstance(entry, dict) or "id" not in entry or "stage" not in entry:
+            raise ExperimentError(f"{where}:{line}: each node needs an 'id' and a 'stage'")
+        stage = STAGES.get(entry["stage"])
+        if stage is None:
+            raise ExperimentError(f"{where}:{line}: unknown stage {entry['stage']!r}; stages: {', '.join(STAGES)}")
+        base = {k: str(v) for k, v in (defaults.get(entry["stage"]) or {}).items() if k != "__line__"}
+        for node_id, params in _expand(entry):
+            if node_id in exp.nodes:
+                raise ExperimentError(f"{where}:{line}: duplicate node id {node_id!r}")
+            merged = {**base, **params}
+            known = {o.name for o in stage.all_options} - {"experiment", "parent_run"}
+            unknown = sorted(set(merged) - known)
+            if unknown:
+                raise ExperimentError(f"{where}:{line}: stage {stage.name} has no parameter {unknown[0]!r}; "
+                                      f"it has: {', '.join(sorted(known))}")
+            exp.nodes[node_id] = Node(node_id, stage, merged, line)
+    for node in exp.nodes.values():
+        for dep in exp.upstream(node):
+            if dep not in exp.nodes:
+                raise ExperimentError(f"{where}:{node.line}: node {node.id} refers to unknown node {dep!r}")
+        if any(_REF.match(r).group(2) for r in node.refs) and not exp.upstream(node):
+            raise ExperimentError(f"{where}:{node.line}: node {node.id}: a wildcard reference matches no node")
+        # Values are checked now (bad steps, unknown choices) with placeholder run IDs for refs.
+        node.stage.parse({k: ("0" * 32 if _REF.match(str(v).split(",")[0].strip()) else v)
+                          for k, v in node.params.items()})
+    exp.order()
+    return exp
+
+
+def resolve(exp: Experiment, node: Node, run_ids: dict[str, str]) -> dict[str, str]:
+    """The node's parameters with "@refs" replaced by upstream run IDs."""
+    def one(part: str) -> str:
+        m = _REF.match(part.strip())
+        if not m:
+            return part
+        if m.group(2):
+            return ",".join(run_ids[n] for n in exp.nodes if n.startswith(m.group(1)) and n != node.id)
+        return run_ids[m.group(1)]
+    return {k: ",".join(one(p) for p in str(v).split(",")) for k, v in node.params.items()}
+
+
+def command(node: Node, params: dict[str, str], experiment: str, parent_run: str) -> list[str]:
+    """The plain command line that runs one node: what a batch system would submit."""
+    args = [sys.executable, "-m", "polyrot", node.stage.cli_name]
+    options = {o.name: o for o in node.stage.all_options}
+    for name, value in {**params, "experiment": experiment, "parent_run": parent_run}.items():
+        args += [str(value)] if options[name].positional else [options[name].flag, str(value)]
+    return args
+
+
+def _die_with_parent() -> None:
+    """Children die with the orchestrator (kill -9 included), so no orphan finishes a stage later
+    and duplicates the run a re-invocation starts."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def run_local(cmd: list[str], env: dict[str, str]) -> str:
+    """Execute one node's command here; its last stdout line is the run ID."""
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=_die_with_parent)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ExperimentError(f"exit {proc.returncode}: {last}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+Executor = Callable[[list[str], dict[str, str]], str]
+
+
+@dataclass
+class Outcome:
+    run_ids: dict[str, str]
+    reused: list[str]
+    ran: list[str]
+
+
+def execute(exp: Experiment, *, experiment: str, parent_run: str, jobs: int = 1,
+            executor: Executor = run_local, echo: Callable[[str], None] = print) -> Outcome:
+    """Run the graph: reuse what matches, run the rest in dependency order, `jobs` at a time."""
+    from polyrot import tracking
+
+    order = exp.order()
+    run_ids: dict[str, str] = {}
+    reused: list[str] = []
+    ran: list[str] = []
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    env.update(MLFLOW_TRACKING_URI=tracking.tracking_uri(), MLFLOW_REGISTRY_URI=tracking.registry_uri())
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    total, started = len(order), time.perf_counter()
+
+    def prepare(node: Node) -> tuple[list[str], str]:
+        params = resolve(exp, node, run_ids)
+        if "threads" in {o.name for o in node.stage.all_options} and "threads" not in params:
+            params["threads"] = str(threads)
+        parsed = node.stage.parse({**params, "experiment": experiment})
+        key = tracking.reuse_key(node.stage.name, node.stage.code_version, parsed)
+        return command(node, params, experiment, parent_run), key
+
+    pending = list(order)
+    running: dict[Future, str] = {}
+    failure: str | None = None
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while (pending and failure is None) or running:
+            for node_id in list(pending):
+                if failure or len(running) >= jobs:
+                    break
+                node = exp.nodes[node_id]
+                if not all(d in run_ids for d in exp.upstream(node)):
+                    continue
+                pending.remove(node_id)
+                cmd, key = prepare(node)
+                found = tracking.find_finished_run(experiment, key)
+                done = len(run_ids) + 1
+                if found:
+                    run_ids[node_id] = found
+                    reused.append(node_id)
+                    echo(f"[{done:>3}/{total}] {node_id:<24} {node.stage.name:<14} reused {found}")
+                    continue
+                echo(f"[{len(run_ids) + len(running) + 1:>3}/{total}] {node_id:<24} {node.stage.name:<14} "
+                     f"running: {' '.join(cmd[2:])}")
+                running[pool.submit(executor, cmd, env)] = node_id
+            if not running:
+                continue
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                node_id = running.pop(fut)
+                try:
+                    run_ids[node_id] = fut.result()
+                    ran.append(node_id)
+                    elapsed = time.perf_counter() - started
+                    echo(f"[{len(run_ids):>3}/{total}] {node_id:<24} {exp.nodes[node_id].stage.name:<14} "
+                         f"finished {run_ids[node_id]} ({elapsed / 60:.1f} min so far)")
+                except Exception as exc:  # noqa: BLE001 — reported with the node's name below
+                    failure = f"node {node_id} failed: {exc}"
+    if failure:
+        raise ExperimentError(failure)
+    return Outcome(run_ids, reused, ran)

@@ -1,0 +1,285 @@
+"""Stage `audit`: how a source seed's SAEs transfer to other seeds, raw and rotated (paper §8).
+
+For every site with a source SAE and every target model, on one batch (default: the paper's
+evaluation batch), one row of audit.csv:
+
+  sae_self_ev, sae_raw_ev,      the source SAE's EV on the source's activations, on the target's as
+  sae_rotated_ev                they are, and on the target's mapped into the source frame
+  sae_rotated_gap               sae_self_ev - sae_rotated_ev
+  sae_gaussian_ev               on Gaussian samples with the source activations' mean and
+                                covariance: the paper's noise baseline as its code computes it
+  sae_gaussian_target_ev        the same with the target's mean and covariance (the wording of the
+                                paper's docstring): second-order statistics alone, in the raw basis
+  firing_{raw,rotated}_*        per-feature Pearson r between the source SAE's latents on source
+                                rows and on (raw / rotated) target rows: mean, frac_above 0.5
+  decoder_{raw,rotated}_*       cosine between the source SAE's decoder columns and those of an
+                                SAE trained on the target (--target-saes), in the target's own
+                                basis (what the paper reports) and mapped into the source frame;
+                                max_*: each target feature's best match (the paper's code),
+                                hungarian_*: one-to-one matching (the paper's text)
+  rotation_ev, identity_ev,     activation-level fit quality (polyrot.rotation.fit_quality): the
+  raw_ev                        fraction of the source's variance the mapped target explains
+  frob_ratio, ks_pvalue, ...    polyrot.rotation.rotation_statistics of R
+
+Rotations are fit here, on the audited batch, rather than fetched from fit_rotation runs: the audit
+needs both activation sets anyway, a fit costs milliseconds at d = 64, and the numbers then
+describe exactly the rotation that was applied.
+
+Null control (--null A,B): two untrained models with the source's config, built in memory from
+DyckTransformer(seed=A) and (seed=B) (at initialisation every RMSNorm gain is 1: they are already
+folded), get the same rows with kind=untrained. Their SAEs are trained here, on the untrained source's
+activations on dyck.SAE_SPEC, with the source SAE's config at each site (--null-sae-steps
+overrides its steps); there is no SAE of the untrained target, so no decoder cosine.
+
+Internal sites are all but resid_pre_0, the embedding: bit-shared in Cohort A, and of low rank,
+so that R is arbitrary off its span. Pooled statistics and figure 2 use the internal sites (all
+sites if the audit has no other).
+
+Artifacts:
+  audit.csv                     one row per site x target (kind trained or untrained)
+  summary.csv                   with --null: per quantity, its range over trained and untrained rows
+                                at internal sites and whether the two ranges are disjoint
+  fig1_ev_by_site.png           self / raw / rotated / Gaussian EV per site (the paper's figure 1)
+  fig2_eigen_angles.png         pooled eigen-angles of R against Haar O(d) (figure 2)
+Metrics: <site>.<target>.<column> (target = s<seed>, or untrained), pooled.<kind>.*, and with
+--null separates.<quantity> (1 when the trained and untrained ranges are disjoint).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from polyrot import figures, tracking
+from polyrot.activations import extract
+from polyrot.dyck import EVAL_SPEC, SAE_SPEC
+from polyrot.errors import LineageError, ParameterError
+from polyrot.metrics import decoder_cosine, firing_correlation, firing_summary
+from polyrot.model import DyckTransformer, site_names
+from polyrot.rotation import Rotation, eigen_angles, fit_rotation, haar_angles, pooled_statistics, rotation_statistics
+from polyrot.sae import SAEConfig, SparseAutoencoder, evaluate_sae, train_sae
+from polyrot.stages.base import REQUIRED, Option, Stage, batch_options, batch_spec, non_negative, positive
+from polyrot.stages.fit_rotation import FIT_QUALITY, check_same_d_model, seed_of
+from polyrot.stages.train_sae import load_trained_sae, sae_runs
+from polyrot.stages.train_seed import NAME as TRAIN_SEED
+from polyrot.stages.train_seed import load_seed
+
+NAME = "audit"
+# Not "null": pandas reads that back from a CSV as NaN.
+TRAINED, UNTRAINED = "trained", "untrained"
+EMBEDDING_SITE = "resid_pre_0"
+# Haar reference of the pooled KS test and of figure 2: the paper's 10 draws, rng 31.
+N_HAAR, HAAR_SEED = 10, 31
+DECODER_KEYS = ("max_mean", "max_frac_above", "hungarian_mean", "hungarian_frac_above")
+
+OPTIONS = (
+    Option("source", str, REQUIRED, "train_seed run ID of the source model"),
+    Option("saes", str, REQUIRED, "comma-separated train_sae run IDs on the source model, one per site "
+           "(a multi-site group run stands for its children)"),
+    Option("targets", str, REQUIRED, "comma-separated train_seed run IDs of the target models"),
+    Option("target_saes", str, None, "train_sae run IDs on target models (groups too), for decoder cosine"),
+    Option("null", str, None, "'A,B': seeds of two untrained models audited beside the trained pairs"),
+    Option("null_sae_steps", int, None, "steps of the untrained source's SAEs; default: the source SAE's",
+           check=positive),
+    Option("gaussian_seed", int, 7, "seed of the Gaussian baseline samples"),
+    *batch_options(EVAL_SPEC),
+    Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative),
+)
+
+
+def _ids(raw: str, flag: str) -> list[str]:
+    ids = list(dict.fromkeys(x.strip() for x in raw.split(",") if x.strip()))
+    if not ids:
+        raise ParameterError(f"{flag} names no run")
+    return ids
+
+
+def _null_seeds(raw: str) -> tuple[int, int]:
+    parts = [x.strip() for x in raw.split(",")]
+    if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts) or parts[0] == parts[1]:
+        raise ParameterError(f"--null takes two different integer seeds 'A,B', got {raw!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _saes(raw: str, flag: str,
+          models: Mapping[str, DyckTransformer]) -> dict[tuple[str, str], tuple[str, SparseAutoencoder]]:
+    """{(model run, site): (train_sae run, SAE)} for the runs in `raw`, each an SAE on one of `models`."""
+    found = {}
+    for rid in _ids(raw, flag):
+        for run_id in sae_runs(rid).values():
+            sae = load_trained_sae(run_id)
+            cfg = sae.cfg
+            if cfg.kind != "sae":
+                raise ParameterError(f"{flag}: run {run_id} trained a {cfg.kind}, not an SAE")
+            if cfg.model_run_id not in models:
+                raise LineageError(f"{flag}: SAE run {run_id} was trained on model run {cfg.model_run_id}, "
+                                   f"not on {' or '.join(models)}")
+            d_model = models[cfg.model_run_id].cfg.d_model
+            if cfg.d_in != d_model:
+                raise ParameterError(f"{flag}: SAE run {run_id} reads {cfg.site}, {cfg.d_in} wide; the audit rotates "
+                                     f"the residual stream, so its SAEs must read d_model={d_model}-wide sites")
+            key = (cfg.model_run_id, cfg.site)
+            if key in found:
+                raise ParameterError(f"{flag}: runs {found[key][0]} and {run_id} are both SAEs of {cfg.site} "
+                                     f"on model run {cfg.model_run_id}")
+            found[key] = (run_id, sae)
+    return found
+
+
+def _labels(seeds: Mapping[str, str]) -> dict[str, str]:
+    """Metric-key label of each target run: s<seed>, plus the run ID's start where seeds repeat."""
+    counts = Counter(seeds.values())
+    return {rid: f"s{seed}" if counts[seed] == 1 else f"s{seed}-{rid[:8]}" for rid, seed in seeds.items()}
+
+
+def gaussian_like(acts: torch.Tensor, seed: int) -> torch.Tensor:
+    """As many Gaussian rows as `acts`, with its mean and covariance, drawn from `seed`.
+
+    The covariance is factored by its eigendecomposition, not Cholesky: at resid_pre_0 it is
+    singular (the embedding spans ~15 of 64 dimensions).
+    """
+    x = acts.to(torch.float64)
+    evals, evecs = torch.linalg.eigh(torch.cov(x.T))
+    factor = evecs * evals.clamp_min(0.0).sqrt()
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (x.mean(dim=0) + noise @ factor.T).to(acts.dtype)
+
+
+@torch.no_grad()
+def transfer_row(sae: SparseAutoencoder, acts_src: torch.Tensor, acts_tgt: torch.Tensor, rotation: Rotation, *,
+                 gaussian_seed: int, target_sae: SparseAutoencoder | None = None) -> dict:
+    """Every per-(site, target) number of the audit except the row's labels (see the module doc)."""
+    mapped = rotation.apply(acts_tgt)
+    row = {name: evaluate_sae(sae, acts)["ev"] for name, acts in (
+        ("sae_self_ev", acts_src), ("sae_raw_ev", acts_tgt), ("sae_rotated_ev", mapped),
+        ("sae_gaussian_ev", gaussian_like(acts_src, gaussian_seed)),
+        ("sae_gaussian_target_ev", gaussian_like(acts_tgt, gaussian_seed)))}
+    row["sae_rotated_gap"] = row["sae_self_ev"] - row["sae_rotated_ev"]
+    latents = sae.encode(acts_src)
+    for name, acts in (("raw", acts_tgt), ("rotated", mapped)):
+        summary = firing_summary(firing_correlation(latents, sae.encode(acts)))
+        row[f"firing_{name}_mean"], row[f"firing_{name}_frac_above"] = summary["mean"], summary["frac_above"]
+    if target_sae is not None:
+        W_tgt = target_sae.W_dec.detach()
+        # Decoder columns are directions, so only R (no translation) takes them to the source frame.
+        for name, W in (("raw", W_tgt), ("rotated", rotation.to_source(W_tgt.T).T)):
+            cosine = decoder_cosine(sae.W_dec.detach(), W)
+            row.update({f"decoder_{name}_{key}": cosine[key] for key in DECODER_KEYS})
+    return {**row, **{k: rotation.metadata[k] for k in FIT_QUALITY}, **rotation_statistics(rotation)}
+
+
+def _null_saes(model: DyckTransformer, sources: Mapping[str, SparseAutoencoder], steps: int | None) -> dict:
+    """{site: SAE} trained on the untrained source, each with the config of the trained source's SAE."""
+    data = extract(model, SAE_SPEC, list(sources))
+    return {site: train_sae(data[site], SAEConfig(**{**sae.cfg.to_dict(), "steps": steps or sae.cfg.steps,
+                                                      "model_run_id": None}), progress=False)[0]
+            for site, sae in sources.items()}
+
+
+def _pooled(rotations: list[Rotation]) -> list[Rotation]:
+    internal = [r for r in rotations if r.metadata["site"] != EMBEDDING_SITE]
+    return internal or rotations
+
+
+def separation(table: pd.DataFrame) -> pd.DataFrame:
+    """Per numeric quantity, its range over trained and over untrained rows at internal sites, and
+    whether the ranges are disjoint: the figures that tell trained seeds from untrained ones."""
+    internal = table[table["site"] != EMBEDDING_SITE]
+    if internal.empty:
+        internal = table
+    rows = []
+    for quantity in table.select_dtypes("number").columns:
+        trained, untrained = (internal.loc[internal["kind"] == kind, quantity].dropna()
+                              for kind in (TRAINED, UNTRAINED))
+        if trained.empty or untrained.empty:
+            continue
+        rows.append({"quantity": quantity, "trained_min": trained.min(), "trained_max": trained.max(),
+                     "untrained_min": untrained.min(), "untrained_max": untrained.max(),
+                     "separates": bool(trained.min() > untrained.max() or trained.max() < untrained.min())})
+    return pd.DataFrame(rows)
+
+
+def run(params: dict) -> str:
+    source = params["source"]
+    spec = batch_spec(params)
+    null_seeds = _null_seeds(params["null"]) if params["null"] else None
+    if params["null_sae_steps"] and not null_seeds:
+        raise ParameterError("--null-sae-steps sets the untrained pair's SAE steps: it needs --null")
+    # Everything that can be refused is checked before a run exists, so bad input leaves no run.
+    source_seed = seed_of(tracking.fetch_run(source, TRAIN_SEED))
+    source_model = load_seed(source)
+    found = _saes(params["saes"], "--saes", {source: source_model})
+    saes = {site: found[source, site] for site in site_names(source_model.cfg) if (source, site) in found}
+    targets = {rid: load_seed(rid) for rid in _ids(params["targets"], "--targets")}
+    for rid, model in targets.items():
+        check_same_d_model(source, source_model, rid, model)
+    target_saes = _saes(params["target_saes"], "--target-saes", targets) if params["target_saes"] else {}
+    target_seeds = {rid: seed_of(tracking.fetch_run(rid, TRAIN_SEED)) for rid in targets}
+    labels = _labels(target_seeds)
+    if params["threads"]:
+        torch.set_num_threads(params["threads"])
+    sites = list(saes)
+
+    with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
+                            upstream={"source": source, **{f"target.{labels[rid]}": rid for rid in targets}},
+                            parent_run_id=params["parent_run"], run_name=f"audit-s{source_seed}",
+                            tags={"polyrot.source_seed": source_seed}) as run:
+        run.log_params(spec.as_params())
+        batch = spec.generate()
+        acts_src = extract(source_model, batch, sites)
+        rows, rotations = [], {TRAINED: [], UNTRAINED: []}
+        for rid, model in targets.items():
+            acts_tgt = extract(model, batch, sites)
+            for site in sites:
+                sae_run, sae = saes[site]
+                target_sae_run, target_sae = target_saes.get((rid, site), (None, None))
+                rotation = fit_rotation(acts_src[site], acts_tgt[site], metadata={"site": site})
+                rotations[TRAINED].append(rotation)
+                rows.append({"site": site, "kind": TRAINED, "target": labels[rid], "source_run": source,
+                             "target_run": rid, "source_seed": source_seed, "target_seed": target_seeds[rid],
+                             "sae_run": sae_run, "target_sae_run": target_sae_run,
+                             **transfer_row(sae, acts_src[site], acts_tgt[site], rotation,
+                                            gaussian_seed=params["gaussian_seed"], target_sae=target_sae)})
+        if null_seeds:
+            null_source, null_target = (DyckTransformer(source_model.cfg, seed=s) for s in null_seeds)
+            null_saes = _null_saes(null_source, {site: sae for site, (_, sae) in saes.items()},
+                                   params["null_sae_steps"])
+            null_src, null_tgt = extract(null_source, batch, sites), extract(null_target, batch, sites)
+            for site in sites:
+                rotation = fit_rotation(null_src[site], null_tgt[site], metadata={"site": site})
+                rotations[UNTRAINED].append(rotation)
+                rows.append({"site": site, "kind": UNTRAINED, "target": UNTRAINED, "source_seed": str(null_seeds[0]),
+                             "target_seed": str(null_seeds[1]),
+                             **transfer_row(null_saes[site], null_src[site], null_tgt[site], rotation,
+                                            gaussian_seed=params["gaussian_seed"])})
+        table = pd.DataFrame(rows)
+        table.to_csv(run.path("audit.csv"), index=False)
+        run.log_artifact("audit.csv")
+        numeric = table.select_dtypes("number").columns
+        run.log_metrics({f"{row['site']}.{row['target']}.{column}": row[column]
+                         for row in table.to_dict("records") for column in numeric if pd.notna(row[column])})
+
+        pooled = {kind: _pooled(found) for kind, found in rotations.items() if found}
+        statistics = {kind: pooled_statistics(found, haar_seed=HAAR_SEED, n_haar=N_HAAR)
+                      for kind, found in pooled.items()}
+        run.log_metrics({f"pooled.{kind}.{k}": v for kind, stats in statistics.items() for k, v in stats.items()})
+        if null_seeds:
+            summary = separation(table)
+            summary.to_csv(run.path("summary.csv"), index=False)
+            run.log_artifact("summary.csv")
+            run.log_metrics({f"separates.{q}": float(s) for q, s in zip(summary["quantity"], summary["separates"])})
+
+        run.log_figure("fig1_ev_by_site.png", figures.ev_by_site(table[table["kind"] == TRAINED]))
+        angles = {kind: np.concatenate([eigen_angles(r.R) for r in found]) for kind, found in pooled.items()}
+        ks = {"statistic": statistics[TRAINED]["ks_statistic"], "pvalue": statistics[TRAINED]["ks_pvalue"]}
+        run.log_figure("fig2_eigen_angles.png", figures.eigen_angle_histogram(
+            angles[TRAINED], haar_angles(source_model.cfg.d_model, N_HAAR, HAAR_SEED), ks, angles.get(UNTRAINED)))
+        return run.run_id
+
+
+STAGE = Stage(NAME, "Audit how a seed's SAEs transfer to other seeds, raw and rotated, beside an untrained pair.",
+              OPTIONS, run, code_version="1")

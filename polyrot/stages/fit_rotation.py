@@ -1,0 +1,129 @@
+"""Stage `fit_rotation`: the orthogonal map from one seed's residual stream to another's, per site.
+
+Both models run on one batch (default: the paper's evaluation batch, dyck.EVAL_SPEC); their
+row-aligned activations give R by Procrustes (polyrot.rotation.fit_rotation), which maps target
+activations into the source frame. Only residual-width sites are accepted: R turns the residual
+basis, and the pooled statistics need one dimension.
+
+Artifacts:
+  rotations/<site>.safetensors   the Rotation (R, both means, provenance in the header)
+Metrics: <site>.<statistic> (frob_ratio, ks_pvalue, signed_perm_distance, ...; see
+rotation_statistics) and <site>.rotation_ev / identity_ev / raw_ev (fit quality), each linked to
+the site's registered model; pooled.* (KS and mean cos over every site's eigen-angles).
+Registry: a version of `polyrot.<experiment>.<site>` per site, alias s<source seed>-to-s<target
+seed> (see polyrot.registry); tags polyrot.registered.<site> = models:/<name>/<version>.
+
+Source and target may be the same run: R is then the identity on the activations' span, the run
+is tagged polyrot.self_pair=true and a warning says so.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from polyrot import registry, tracking
+from polyrot.activations import extract
+from polyrot.dyck import EVAL_SPEC
+from polyrot.errors import ParameterError, UnknownSiteError
+from polyrot.model import residual_sites
+from polyrot.rotation import fit_rotation, pooled_statistics, rotation_statistics
+from polyrot.stages.activations import parse_sites
+from polyrot.stages.base import REQUIRED, Option, Stage, batch_options, batch_spec
+from polyrot.stages.train_seed import NAME as TRAIN_SEED
+from polyrot.stages.train_seed import load_seed
+
+NAME = "fit_rotation"
+TAG_SEED = "polyrot.seed"
+TAG_SELF_PAIR = "polyrot.self_pair"
+TAG_REGISTERED = "polyrot.registered."  # + site, value = models:/<name>/<version>
+FIT_QUALITY = ("rotation_ev", "identity_ev", "raw_ev")
+
+OPTIONS = (
+    Option("source", str, REQUIRED, "train_seed run ID of the source model (rotations map into its frame)"),
+    Option("target", str, REQUIRED, "train_seed run ID of the target model"),
+    Option("sites", str, None, "comma-separated residual-width sites; default: every residual site"),
+    Option("alias", str, None, "registry alias of the pair; default s<source seed>-to-s<target seed>"),
+    *batch_options(EVAL_SPEC),
+)
+
+
+def seed_of(run) -> str:
+    """The seed a train_seed run records, as text (it becomes part of aliases and tags)."""
+    return run.data.tags.get(TAG_SEED, "unknown")
+
+
+def shared_sites(names: list[str], source_cfg, target_cfg) -> list[str]:
+    """Canonical names of `names`, each once; a site either model lacks is an UnknownSiteError
+    that says which model and lists that model's sites."""
+    try:
+        sites = parse_sites(names, source_cfg)
+    except UnknownSiteError as exc:
+        raise UnknownSiteError(f"source model: {exc}") from None
+    try:
+        parse_sites(sites, target_cfg)
+    except UnknownSiteError as exc:
+        raise UnknownSiteError(f"target model: {exc}") from None
+    return sites
+
+
+def check_widths(acts: dict, d_model: int) -> None:
+    for site, a in acts.items():
+        if a.shape[1] != d_model:
+            raise ParameterError(f"site {site} is {a.shape[1]} wide, not d_model={d_model}: a rotation turns the "
+                                 "residual basis, so it is fit at residual-width sites")
+
+
+def check_same_d_model(source: str, source_model, target: str, target_model) -> None:
+    d_src, d_tgt = source_model.cfg.d_model, target_model.cfg.d_model
+    if d_src != d_tgt:
+        raise ParameterError(f"source run {source} has d_model {d_src} but target run {target} has {d_tgt}: "
+                             "no rotation maps one residual stream onto the other")
+
+
+def run(params: dict) -> str:
+    source, target = params["source"], params["target"]
+    spec = batch_spec(params)
+    # Everything that can be refused is checked before a run exists, so bad input leaves no run.
+    seeds = {role: seed_of(tracking.fetch_run(rid, TRAIN_SEED))
+             for role, rid in (("source", source), ("target", target))}
+    self_pair = source == target
+    source_model = load_seed(source)
+    target_model = source_model if self_pair else load_seed(target)
+    check_same_d_model(source, source_model, target, target_model)
+    names = params["sites"].split(",") if params["sites"] else residual_sites(source_model.cfg)
+    sites = shared_sites(names, source_model.cfg, target_model.cfg)
+    alias = registry.check_alias(params["alias"] or registry.pair_alias(seeds["source"], seeds["target"]))
+    batch = spec.generate()
+    acts_src = extract(source_model, batch, sites)
+    acts_tgt = acts_src if self_pair else extract(target_model, batch, sites)
+    check_widths(acts_src, source_model.cfg.d_model)
+    if self_pair:
+        warnings.warn(f"source and target are the same run {source}: each rotation is the identity on the "
+                      "activations' span; the run is tagged polyrot.self_pair=true", stacklevel=2)
+
+    with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
+                            upstream={"source": source, "target": target}, parent_run_id=params["parent_run"],
+                            run_name=f"rotation-{alias}",
+                            tags={TAG_SELF_PAIR: str(self_pair).lower(), registry.TAG_SOURCE_SEED: seeds["source"],
+                                  registry.TAG_TARGET_SEED: seeds["target"]}) as run:
+        run.log_params(spec.as_params())
+        # Under `mlflow run` the adopted run's experiment, not --experiment, is where the run lives.
+        experiment = run.client.get_experiment(run.client.get_run(run.run_id).info.experiment_id).name
+        rotations = []
+        for site in sites:
+            rotation = fit_rotation(acts_src[site], acts_tgt[site], metadata={
+                "site": site, "source_run": source, "target_run": target, "source_seed": seeds["source"],
+                "target_seed": seeds["target"], **spec.as_params()})
+            rotation.save(run.path(f"rotations/{site}.safetensors"))
+            run.log_artifact(f"rotations/{site}.safetensors")
+            statistics = {**rotation_statistics(rotation), **{k: rotation.metadata[k] for k in FIT_QUALITY}}
+            version = registry.register_rotation(rotation, run, name=registry.model_name(experiment, site),
+                                                 alias=alias, statistics=statistics)
+            run.set_tags({TAG_REGISTERED + site: f"models:/{version.name}/{version.version}"})
+            rotations.append(rotation)
+        run.log_metrics({f"pooled.{k}": v for k, v in pooled_statistics(rotations).items()})
+        return run.run_id
+
+
+STAGE = Stage(NAME, "Fit, log and register the rotation between two seeds' residual streams at each site.",
+              OPTIONS, run, code_version="1")

@@ -1,0 +1,49 @@
+"""Stage `reproduce`: run a whole experiment from projects/ as a parent run linking every stage run.
+
+The parent run's tags `polyrot.node.<id>` hold each node's run ID (reused or new) and
+`graph.json` records the graph with the commands that ran, so the result of a reproduction is one
+run ID from which everything else is reachable.
+"""
+
+from __future__ import annotations
+
+import click
+
+from polyrot import pipeline, tracking
+from polyrot.stages.base import Option, Stage, positive
+
+NAME = "reproduce"
+
+OPTIONS = (
+    Option("name", str, "dyck3-cohort-a", "experiment definition in projects/ (file stem)", positional=True),
+    Option("profile", str, "cpu", "parameter profile of the experiment: cpu or paper"),
+    Option("jobs", int, 1, "independent stages to run at once", check=positive),
+)
+
+
+def run(params: dict) -> str:
+    exp = pipeline.load_experiment(params["name"], params["profile"])
+    experiment = params["experiment"] if params["experiment"] != "polyrot" else exp.name
+    stale = tracking.fail_stale_runs(experiment)
+    if stale:
+        click.echo(f"marked {len(stale)} stale RUNNING run(s) of a dead process as FAILED", err=True)
+    with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=experiment,
+                            run_name=f"reproduce {exp.name} ({exp.profile})",
+                            tags={"polyrot.experiment_definition": exp.name}) as parent:
+        outcome = pipeline.execute(exp, experiment=experiment, parent_run=parent.run_id, jobs=params["jobs"],
+                                   echo=lambda line: click.echo(line, err=True))
+        parent.set_tags({f"polyrot.node.{node}": rid for node, rid in outcome.run_ids.items()})
+        parent.log_metrics({"nodes": len(outcome.run_ids), "reused": len(outcome.reused), "ran": len(outcome.ran)})
+        parent.log_json("graph.json", {
+            "experiment": exp.name, "profile": exp.profile,
+            "nodes": {n: {"stage": exp.nodes[n].stage.name, "run_id": outcome.run_ids[n],
+                          "reused": n in outcome.reused, "upstream": exp.upstream(exp.nodes[n])}
+                      for n in exp.order()},
+        })
+        click.echo(f"{exp.name}: {len(outcome.ran)} stage(s) ran, {len(outcome.reused)} reused; "
+                   f"parent run {parent.run_id}", err=True)
+        return parent.run_id
+
+
+STAGE = Stage(NAME, "Run a whole experiment from projects/: reuse finished stages, run the rest.", OPTIONS, run,
+              code_version="1")

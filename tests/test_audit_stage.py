@@ -1,0 +1,120 @@
+"""The audit stage: ground truth on an exactly rotated copy, the null pair, its artifacts, bad input."""
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from polyrot import tracking
+from polyrot.cli import main
+from polyrot.model import DyckTransformer, ModelConfig
+from polyrot.stages import STAGES
+from tests.test_fit_rotation_stage import log_model_run, one_line_error, rotated_copy_runs
+
+torch.set_num_threads(1)
+
+EXPERIMENT = "tests-audit"
+SITES = ("resid_pre_0", "resid_mid_1")
+TINY_SAE = dict(expansion=2, steps=200, batch_size=256, eval_every=200, batch_sequences=512, heldout_sequences=64,
+                threads=1, experiment=EXPERIMENT)
+SMALL_BATCH = {"batch_sequences": 256}
+
+
+@pytest.fixture(scope="module")
+def audited(seed_run):
+    """An audit of a folded seed against its exactly rotated copy, beside an untrained pair: (ids, table, run)."""
+    source, target, _ = rotated_copy_runs(seed_run, haar_seed=31, experiment=EXPERIMENT)
+    saes = STAGES["train_sae"](model_run=source, sites=",".join(SITES), **TINY_SAE)
+    # Another SAE seed: two SAEs from one initialisation share decoder directions before any training.
+    target_sae = STAGES["train_sae"](model_run=target, site="resid_mid_1", sae_seed=1, **TINY_SAE)
+    run_id = STAGES["audit"](source=source, saes=saes, targets=target, target_saes=target_sae, null="1000,1001",
+                             null_sae_steps=100, experiment=EXPERIMENT, **SMALL_BATCH)
+    table = pd.read_csv(tracking.artifact_dir(run_id) / "audit.csv")
+    ids = {"source": source, "target": target, "saes": saes, "target_sae": target_sae}
+    return ids, table.set_index(["kind", "site"]), MlflowClient().get_run(run_id)
+
+
+def test_rotated_transfer_matches_self_on_an_exact_rotated_copy(audited):
+    _, table, _ = audited
+    for site in SITES:
+        row = table.loc[("trained", site)]
+        assert abs(row["sae_rotated_ev"] - row["sae_self_ev"]) < 1e-4, site
+        assert row["sae_raw_ev"] < 0 and row["firing_rotated_mean"] > row["firing_raw_mean"], site
+        # Every live latent fires identically; dead ones have no correlation and count as 0.
+        assert row["firing_rotated_frac_above"] > 0.9, site
+        assert row["rotation_ev"] > 1 - 1e-6 and row["sae_self_ev"] > 0.5
+    assert table.loc[("trained", "resid_mid_1"), "frob_ratio"] > 0.8
+
+
+def test_decoder_cosine_is_reported_both_ways_only_where_a_target_sae_exists(audited):
+    _, table, _ = audited
+    mid = table.loc[("trained", "resid_mid_1")]
+    for way in ("raw", "rotated"):
+        for match in ("max", "hungarian"):
+            assert -1 <= mid[f"decoder_{way}_{match}_mean"] <= 1
+            assert 0 <= mid[f"decoder_{way}_{match}_frac_above"] <= 1
+        assert mid[f"decoder_{way}_hungarian_mean"] <= mid[f"decoder_{way}_max_mean"]
+    assert mid["decoder_rotated_max_mean"] > mid["decoder_raw_max_mean"]
+    assert pd.isna(table.loc[("trained", "resid_pre_0"), "decoder_raw_max_mean"])
+    assert table.loc["untrained", "decoder_raw_max_mean"].isna().all()
+
+
+def test_untrained_pair_sits_beside_the_trained_pair(audited):
+    ids, table, run = audited
+    untrained = table.loc[("untrained", "resid_mid_1")]
+    assert untrained["target"] == "untrained"
+    assert str(untrained["source_seed"]) == "1000" and str(untrained["target_seed"]) == "1001"
+    assert untrained["rotation_ev"] < table.loc[("trained", "resid_mid_1"), "rotation_ev"]
+    summary = pd.read_csv(tracking.artifact_dir(run.info.run_id) / "summary.csv").set_index("quantity")
+    assert list(summary.columns) == ["trained_min", "trained_max", "untrained_min", "untrained_max", "separates"]
+    assert bool(summary.loc["rotation_ev", "separates"])
+    assert run.data.metrics["separates.rotation_ev"] == 1.0
+
+
+def test_artifacts_metrics_and_lineage(audited):
+    ids, table, run = audited
+    artifacts = tracking.artifact_dir(run.info.run_id)
+    for figure in ("fig1_ev_by_site.png", "fig2_eigen_angles.png"):
+        assert (artifacts / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert run.data.tags[tracking.TAG_DIGEST + figure] == tracking.sha256_file(artifacts / figure)
+    assert len(table) == 2 * len(SITES)
+    for column in ("target", "source_run", "target_run", "sae_run", "sae_self_ev", "sae_raw_ev", "sae_rotated_ev",
+                   "sae_rotated_gap", "sae_gaussian_ev", "sae_gaussian_target_ev", "firing_raw_mean",
+                   "firing_raw_frac_above", "firing_rotated_frac_above", "identity_ev", "raw_ev", "frob_ratio",
+                   "ks_statistic", "ks_pvalue", "mean_cos_angle", "signed_perm_distance", "det"):
+        assert column in table.columns, column
+    assert table.loc[("trained", "resid_mid_1"), "target_sae_run"] == ids["target_sae"]
+    metrics = run.data.metrics
+    assert metrics["resid_mid_1.s0.sae_rotated_ev"] == table.loc[("trained", "resid_mid_1"), "sae_rotated_ev"]
+    assert "resid_mid_1.untrained.firing_rotated_mean" in metrics
+    for kind in ("trained", "untrained"):
+        assert 0 <= metrics[f"pooled.{kind}.ks_pvalue"] <= 1 and metrics[f"pooled.{kind}.n_rotations"] == 1
+    assert run.data.tags[tracking.TAG_UPSTREAM + "source"] == ids["source"]
+    assert run.data.tags[tracking.TAG_UPSTREAM + "target.s0"] == ids["target"]
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--saes", "{target_sae}"], "was trained on model run {target}, not on {source}"),
+    (["--saes", "{target}"], "expected a train_sae run"),
+    (["--target-saes", "{saes}"], "--target-saes: SAE run "),
+    (["--null", "5"], "--null takes two different integer seeds"),
+    (["--null", "4,4"], "--null takes two different integer seeds"),
+    (["--targets", "{narrow}"], "has d_model 64 but target run {narrow} has 32"),
+    (["--targets", " , "], "--targets names no run"),
+    (["--saes", ""], "--saes is required"),
+])
+def test_bad_input_is_one_line_and_starts_no_run(audited, args, message):
+    ids, _, _ = audited
+    ids = {**ids, "narrow": log_model_run(DyckTransformer(ModelConfig(d_model=32, d_head=8), seed=3), 3, EXPERIMENT)}
+    given = {"--source": ids["source"], "--saes": ids["saes"], "--targets": ids["target"],
+             **dict(zip(args[::2], (a.format(**ids) for a in args[1::2])))}
+    client = MlflowClient()
+    before = len(client.search_runs([tracking.experiment_id(EXPERIMENT)], "tags.`polyrot.stage` = 'audit'"))
+    result = cli("audit", "--experiment", EXPERIMENT, *[x for item in given.items() for x in item])
+    one_line_error(result, message.format(**ids))
+    assert len(client.search_runs([tracking.experiment_id(EXPERIMENT)], "tags.`polyrot.stage` = 'audit'")) == before

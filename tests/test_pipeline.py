@@ -1,0 +1,134 @@
+"""Experiment files, run reuse and interruption, with train_seed graphs small enough to run here."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from polyrot import pipeline, tracking
+from polyrot.errors import PolyrotError
+from polyrot.stages import STAGES
+
+TINY = "max_steps: 40, eval_every: 20, checkpoint_every: 20, batch_size: 32, eval_sequences: 64, confirm_sequences: 64"
+
+
+def write(tmp_path: Path, body: str, name: str = "exp.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+GRAPH = f"""\
+name: tiny-cohort
+profiles:
+  cpu:
+    train_seed: {{{TINY}, threads: 1}}
+  paper: {{}}
+nodes:
+  - id: seed0
+    stage: train_seed
+    params: {{seed: 0}}
+  - id: seed{{seed}}
+    stage: train_seed
+    matrix: {{seed: [1, 2]}}
+    params: {{seed: "{{seed}}", shared_io_from: "@seed0"}}
+"""
+
+
+def test_every_shipped_experiment_loads_in_both_profiles():
+    assert pipeline.available()
+    for name in pipeline.available():
+        for profile in ("cpu", "paper"):
+            exp = pipeline.load_experiment(name, profile)
+            assert exp.order()
+
+
+def test_graph_expansion_and_order(tmp_path):
+    exp = pipeline.load_experiment(write(tmp_path, GRAPH))
+    assert exp.order() == ["seed0", "seed1", "seed2"]
+    assert exp.nodes["seed2"].params["shared_io_from"] == "@seed0"
+    assert exp.nodes["seed1"].params["max_steps"] == "40"
+    assert exp.upstream(exp.nodes["seed1"]) == ["seed0"]
+
+
+def test_unknown_experiment_lists_the_available_ones():
+    with pytest.raises(PolyrotError, match="available: .*smoke"):
+        pipeline.load_experiment("no-such-experiment")
+
+
+def test_malformed_file_points_at_the_line(tmp_path):
+    with pytest.raises(PolyrotError, match=r"exp.yaml:4: malformed YAML"):
+        pipeline.load_experiment(write(tmp_path, "name: x\nprofiles: {cpu: {}}\nnodes:\n  - id: [unclosed\n"))
+
+
+def test_unknown_stage_parameter_points_at_the_node(tmp_path):
+    body = GRAPH + "  - id: extra\n    stage: train_seed\n    params: {seed: 3, learning_speed: 2}\n"
+    with pytest.raises(PolyrotError, match=r"exp.yaml:14: stage train_seed has no parameter 'learning_speed'"):
+        pipeline.load_experiment(write(tmp_path, body))
+
+
+def test_bad_values_and_dangling_references_fail_before_any_run(tmp_path):
+    with pytest.raises(PolyrotError, match="--max-steps must be positive"):
+        pipeline.load_experiment(write(tmp_path, GRAPH.replace("max_steps: 40", "max_steps: 0")))
+    with pytest.raises(PolyrotError, match="refers to unknown node 'seed9'"):
+        pipeline.load_experiment(write(tmp_path, GRAPH.replace("@seed0", "@seed9")))
+    with pytest.raises(PolyrotError, match="no profile 'gpu'"):
+        pipeline.load_experiment(write(tmp_path, GRAPH), profile="gpu")
+
+
+def test_reproduce_runs_once_then_reuses_everything(store, tmp_path):
+    path = write(tmp_path, GRAPH)
+    first = STAGES["reproduce"](name=path, experiment="pipeline-reuse")
+    client = MlflowClient()
+    tags = client.get_run(first).data.tags
+    nodes = {k.split(".")[-1]: v for k, v in tags.items() if k.startswith("polyrot.node.")}
+    assert set(nodes) == {"seed0", "seed1", "seed2"}
+    assert client.get_run(nodes["seed2"]).data.tags[tracking.TAG_UPSTREAM + "shared_io"] == nodes["seed0"]
+    assert client.get_run(nodes["seed1"]).data.tags["mlflow.parentRunId"] == first
+
+    started = time.perf_counter()
+    second = STAGES["reproduce"](name=path, experiment="pipeline-reuse")
+    assert time.perf_counter() - started < 60
+    metrics = client.get_run(second).data.metrics
+    assert metrics["reused"] == 3 and metrics["ran"] == 0
+    again = {k.split(".")[-1]: v for k, v in client.get_run(second).data.tags.items() if k.startswith("polyrot.node.")}
+    assert again == nodes
+
+
+def test_kill_9_then_rerun_completes_without_duplicates(store, tmp_path):
+    body = GRAPH.replace("max_steps: 40", "max_steps: 300")
+    path = write(tmp_path, body)
+    exp_name = "pipeline-kill"
+    env = {**os.environ}
+    proc = subprocess.Popen([sys.executable, "-m", "polyrot", "reproduce", path, "--experiment", exp_name],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient()
+    deadline = time.time() + 240
+    killed = False
+    while time.time() < deadline and not killed:
+        time.sleep(0.5)
+        exp = client.get_experiment_by_name(exp_name)
+        if exp is None:
+            continue
+        runs = client.search_runs([exp.experiment_id], "tags.`polyrot.stage` = 'train_seed'")
+        if any(r.info.status == "FINISHED" for r in runs) and any(r.info.status == "RUNNING" for r in runs):
+            proc.send_signal(signal.SIGKILL)  # mid-way: one seed done, the next one training
+            killed = True
+    proc.wait()
+    assert killed, "the reproduction never reached its second stage"
+    time.sleep(1.0)  # the orphaned stage dies with its parent (PR_SET_PDEATHSIG)
+
+    STAGES["reproduce"](name=path, experiment=exp_name)
+    runs = client.search_runs([client.get_experiment_by_name(exp_name).experiment_id])
+    finished = Counter(r.data.tags[tracking.TAG_REUSE_KEY] for r in runs
+                       if r.info.status == "FINISHED" and r.data.tags[tracking.TAG_STAGE] == "train_seed")
+    assert len(finished) == 3 and set(finished.values()) == {1}
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert [r for r in runs if r.info.status == "FAILED"]  # the killed stage and parent, marked stale
