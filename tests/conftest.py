@@ -16,6 +16,18 @@ TINY_TRAIN = dict(max_steps=40, eval_every=20, checkpoint_every=20, batch_size=3
                   confirm_sequences=64, threads=1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One torch thread for the whole suite: on a machine whose two cores are shared, a second
+    OpenMP thread that gets descheduled stalls every op (runs up to 50x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def store(tmp_path_factory) -> Path:
     """One temporary tracking + registry store for the whole session (a new SQLite store costs

@@ -20,13 +20,6 @@ SITES = "resid_mid_0,resid_mid_1,blocks.1.hook_resid_post"
 CANONICAL = ["resid_mid_0", "resid_mid_1", "resid_post_1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def acts_run(seed_run) -> str:

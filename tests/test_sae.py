@@ -22,15 +22,6 @@ from polyrot.sae import (
 PLANTED = dict(d_in=32, expansion=4, l1=1e-2, lr=3e-3, batch_size=512, steps=1500, eval_every=250)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine's two cores are shared: a second OpenMP thread that
-    # gets descheduled stalls every op, making runs up to 50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def planted_codes(n=20000, n_features=64, seed=0):
     """Sparse non-negative codes: each row uses 2-3 of n_features, coefficients in [0.5, 1.5)."""

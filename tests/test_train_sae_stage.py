@@ -26,13 +26,6 @@ TRAIN_SPEC = BatchSpec(name="sae", seed=2026, n_sequences=300)
 HELDOUT_SPEC = BatchSpec(n_sequences=128)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def sae_run(seed_run) -> str:

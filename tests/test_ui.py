@@ -1,6 +1,5 @@
 """End to end: the MLflow UI served by `polyrot ui` shows polyrot's runs, checked in headless Chromium."""
 
-import os
 import shutil
 import socket
 import subprocess
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from polyrot import tracking, ui
+from polyrot import ui
 from polyrot.stages import STAGES
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
