@@ -1,5 +1,4 @@
 import json
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -362,20 +361,3 @@ def test_rotation_statistics_are_json_serialisable(exact_pair):
     rotation = fit_rotation(*exact_pair[:2])
     json.dumps(rotation_statistics(rotation))
     json.dumps(pooled_statistics([rotation, rotation.inverse()]))
-
-
-def test_timing_fit_and_statistics_at_paper_scale(capsys):
-    """A benchmark figure, not an assertion: 65,536 x 512 float32 activations."""
-    gen = torch.Generator().manual_seed(13)
-    acts_src = torch.randn(65_536, 512, generator=gen)
-    R0 = haar_rotation(512, seed=14).float()
-    acts_tgt = acts_src @ R0.T + 0.01 * torch.randn(acts_src.shape, generator=gen)
-    start = time.perf_counter()
-    rotation = fit_rotation(acts_src, acts_tgt)
-    fitted = time.perf_counter()
-    stats = rotation_statistics(rotation)
-    done = time.perf_counter()
-    assert rotation.metadata["rotation_ev"] > 0.99 and stats["d"] == 512
-    with capsys.disabled():
-        print(f"\n[timing] fit_rotation 65536x512 float32: {fitted - start:.2f} s; "
-              f"rotation_statistics d=512: {done - fitted:.2f} s")
