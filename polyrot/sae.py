@@ -34,8 +34,8 @@ EVAL_CHUNK = 16384  # rows per forward pass in evaluation, bounding the [rows, d
 class SAEConfig:
     """Everything needed to rebuild or retrain an SAE; saved verbatim as cfg.json.
 
-    seed drives both the initialisation and the batch sampling. site and
-    model_run_id record where the training activations came from.
+    seed drives both the initialisation and the batch sampling. site, model_run_id
+    and model_checkpoint record where the training activations came from.
     """
 
     d_in: int
@@ -50,6 +50,7 @@ class SAEConfig:
     site: str | None = None
     model_run_id: str | None = None
     eval_every: int = 500
+    model_checkpoint: str | None = None  # None: the run's final weights
 
     def __post_init__(self):
         def positive_int(name):

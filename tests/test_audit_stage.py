@@ -107,6 +107,8 @@ def cli(*args: str):
     (["--targets", "{narrow}"], "has d_model 64 but target run {narrow} has 32"),
     (["--targets", " , "], "--targets names no run"),
     (["--saes", ""], "--saes is required"),
+    (["--checkpoint", "latest"], "--checkpoint names a checkpoint like first-0.99"),
+    (["--checkpoint", "step-000020"], "has no artifact 'checkpoints/step-000020.safetensors'"),
 ])
 def test_bad_input_is_one_line_and_starts_no_run(audited, args, message):
     ids, _, _ = audited

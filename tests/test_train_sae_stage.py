@@ -63,7 +63,8 @@ def test_a_run_records_the_sae_its_config_and_its_metrics(sae_run, seed_run):
         assert tags[tracking.TAG_DIGEST + path] == tracking.sha256_file(artifacts / path)
     cfg = json.loads((artifacts / "cfg.json").read_text())
     assert cfg == {"d_in": 64, "expansion": 8, "l1": 0.001, "lr": 0.0005, "batch_size": 256, "steps": 50, "seed": 0,
-                   "kind": "sae", "d_out": 64, "site": "resid_mid_1", "model_run_id": seed_run, "eval_every": 25}
+                   "kind": "sae", "d_out": 64, "site": "resid_mid_1", "model_run_id": seed_run, "eval_every": 25,
+                   "model_checkpoint": None}
 
     for name in ("loss", "mse", "ev", "l0", "dead_fraction"):
         assert [m.step for m in client.get_metric_history(sae_run, name)] == [25, 50]
@@ -234,3 +235,20 @@ def test_bad_runs(seed_run, acts_run, sae_run):
     one_line_error(cli("train-sae", "--activations-run", acts_run, "--site", "resid_post_1",
                        "--experiment", EXPERIMENT), "has no site 'resid_post_1'; it has: resid_mid_0, resid_mid_1")
     assert run_count() == before
+
+
+def test_a_checkpoint_of_the_model_run_is_audited_with_saes_of_that_checkpoint(seed_run):
+    early = STAGES["train_sae"](model_run=seed_run, site="resid_mid_1", checkpoint="step-000020",
+                                experiment=EXPERIMENT, **TINY_SAE)
+    sae = load_trained_sae(early)
+    assert sae.cfg.model_checkpoint == "step-000020" and sae.cfg.model_run_id == seed_run
+    acts = site_activations(seed_run, HELDOUT_SPEC, ["resid_mid_1"])["resid_mid_1"]
+    final_ev = evaluate_sae(sae, acts)["ev"]
+    logged = MlflowClient().get_run(early).data.metrics["heldout.ev"]
+    assert abs(final_ev - logged) > 1e-3  # the SAE was fit to the step-20 model, not the final one
+    audit = STAGES["audit"](source=seed_run, saes=early, targets=seed_run, checkpoint="step-000020",
+                            batch_sequences=64, experiment=EXPERIMENT, threads=1)
+    row = MlflowClient().get_run(audit).data.metrics
+    assert abs(row["resid_mid_1.s0.sae_self_ev"] - row["resid_mid_1.s0.sae_rotated_ev"]) < 1e-6
+    one_line_error(cli("audit", "--source", seed_run, "--saes", early, "--targets", seed_run,
+                       "--experiment", EXPERIMENT), "was trained on step-000020 of its model, the audit reads the final weights")

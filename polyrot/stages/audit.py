@@ -66,7 +66,7 @@ from polyrot.stages.base import REQUIRED, Option, Stage, batch_options, batch_sp
 from polyrot.stages.fit_rotation import FIT_QUALITY, check_same_d_model, seed_of
 from polyrot.stages.train_sae import load_trained_sae, sae_runs
 from polyrot.stages.train_seed import NAME as TRAIN_SEED
-from polyrot.stages.train_seed import load_seed
+from polyrot.stages.train_seed import CHECKPOINT, load_seed
 
 NAME = "audit"
 # Not "null": pandas reads that back from a CSV as NaN.
@@ -87,6 +87,7 @@ OPTIONS = (
            check=positive),
     Option("gaussian_seed", int, 7, "seed of the Gaussian baseline samples"),
     *batch_options(EVAL_SPEC),
+    CHECKPOINT,
     Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative),
 )
 
@@ -105,9 +106,10 @@ def _null_seeds(raw: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def _saes(raw: str, flag: str,
-          models: Mapping[str, DyckTransformer]) -> dict[tuple[str, str], tuple[str, SparseAutoencoder]]:
-    """{(model run, site): (train_sae run, SAE)} for the runs in `raw`, each an SAE on one of `models`."""
+def _saes(raw: str, flag: str, models: Mapping[str, DyckTransformer],
+          checkpoint: str | None = None) -> dict[tuple[str, str], tuple[str, SparseAutoencoder]]:
+    """{(model run, site): (train_sae run, SAE)} for the runs in `raw`, each an SAE on one of `models`
+    (at `checkpoint`, or their final weights)."""
     found = {}
     for rid in _ids(raw, flag):
         for run_id in sae_runs(rid).values():
@@ -118,6 +120,10 @@ def _saes(raw: str, flag: str,
             if cfg.model_run_id not in models:
                 raise LineageError(f"{flag}: SAE run {run_id} was trained on model run {cfg.model_run_id}, "
                                    f"not on {' or '.join(models)}")
+            if cfg.model_checkpoint != checkpoint:
+                raise LineageError(f"{flag}: SAE run {run_id} was trained on "
+                                   f"{cfg.model_checkpoint or 'the final weights'} of its model, the audit reads "
+                                   f"{checkpoint or 'the final weights'}")
             d_model = models[cfg.model_run_id].cfg.d_model
             if cfg.d_in != d_model:
                 raise ParameterError(f"{flag}: SAE run {run_id} reads {cfg.site}, {cfg.d_in} wide; the audit rotates "
@@ -211,13 +217,15 @@ def run(params: dict) -> str:
         raise ParameterError("--null-sae-steps sets the untrained pair's SAE steps: it needs --null")
     # Everything that can be refused is checked before a run exists, so bad input leaves no run.
     source_seed = seed_of(tracking.fetch_run(source, TRAIN_SEED))
-    source_model = load_seed(source)
-    found = _saes(params["saes"], "--saes", {source: source_model})
+    checkpoint = params["checkpoint"]
+    source_model = load_seed(source, checkpoint)
+    found = _saes(params["saes"], "--saes", {source: source_model}, checkpoint)
     saes = {site: found[source, site] for site in site_names(source_model.cfg) if (source, site) in found}
-    targets = {rid: load_seed(rid) for rid in _ids(params["targets"], "--targets")}
+    targets = {rid: load_seed(rid, checkpoint) for rid in _ids(params["targets"], "--targets")}
     for rid, model in targets.items():
         check_same_d_model(source, source_model, rid, model)
-    target_saes = _saes(params["target_saes"], "--target-saes", targets) if params["target_saes"] else {}
+    target_saes = (_saes(params["target_saes"], "--target-saes", targets, checkpoint)
+                   if params["target_saes"] else {})
     target_seeds = {rid: seed_of(tracking.fetch_run(rid, TRAIN_SEED)) for rid in targets}
     labels = _labels(target_seeds)
     if params["threads"]:

@@ -50,7 +50,7 @@ from polyrot.sae import (
 )
 from polyrot.stages.activations import load_activations, parse_sites
 from polyrot.stages.base import Option, Stage, batch_options, batch_spec, non_negative, positive
-from polyrot.stages.train_seed import load_seed
+from polyrot.stages.train_seed import CHECKPOINT, load_seed
 
 NAME = "train_sae"
 TAG_GROUP = "polyrot.group"
@@ -74,6 +74,7 @@ OPTIONS = (
     Option("eval_every", int, 500, "steps between metric evaluations on the training data", check=positive),
     *batch_options(SAE_SPEC),
     *batch_options(EVAL_SPEC, prefix="heldout"),
+    CHECKPOINT,
     Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative),
 )
 
@@ -128,7 +129,9 @@ def run(params: dict) -> str:
         stored, spec, model_run = load_activations(params["activations_run"])
     else:
         model_run = params["model_run"]
-    model = load_seed(model_run)
+    if params["checkpoint"] and params["activations_run"]:
+        raise ParameterError("--checkpoint picks the model of --model-run; an activations run brings its own")
+    model = load_seed(model_run, params["checkpoint"])
     pairs = _site_pairs(params, model.cfg)
     sites = list(dict.fromkeys(s for pair in pairs for s in pair if s))
     if params["activations_run"]:
@@ -138,7 +141,8 @@ def run(params: dict) -> str:
                                  f"it has: {', '.join(stored)}")
     configs = [SAEConfig(d_in=model.cfg.d_model, expansion=params["expansion"], l1=params["l1"], lr=params["lr"],
                          batch_size=params["batch_size"], steps=params["steps"], seed=params["sae_seed"],
-                         kind=params["kind"], site=site, model_run_id=model_run, eval_every=params["eval_every"])
+                         kind=params["kind"], site=site, model_run_id=model_run, eval_every=params["eval_every"],
+                         model_checkpoint=params["checkpoint"])
                for site, _ in pairs]
 
     if params["threads"]:

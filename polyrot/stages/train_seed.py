@@ -144,8 +144,19 @@ STAGE = Stage(NAME, "Train one Dyck-3 seed and log its model, checkpoints and ac
               code_version="1")
 
 
-def load_seed(run_id: str):
-    """The final model of a train_seed run, fetched through the lineage check."""
-    weights = tracking.fetch_artifact(run_id, "model.safetensors", stage=NAME)
-    config = tracking.fetch_artifact(run_id, "config.json", stage=NAME, dst=weights.parent)
-    return load_model(weights, config)
+CHECKPOINT = Option("checkpoint", str, None, "use this checkpoint of the train_seed runs (first-0.99, "
+                    "step-002000, ...) instead of their final weights")
+_CHECKPOINT_NAME = re.compile(r"(step-\d{6}|first-[0-9.]+)")
+
+
+def load_seed(run_id: str, checkpoint: str | None = None):
+    """The final model of a train_seed run, or one of its checkpoints, fetched through the lineage check."""
+    if checkpoint is None:
+        weights = tracking.fetch_artifact(run_id, "model.safetensors", stage=NAME)
+        config = tracking.fetch_artifact(run_id, "config.json", stage=NAME, dst=weights.parent)
+        return load_model(weights, config)
+    if not _CHECKPOINT_NAME.fullmatch(checkpoint):
+        raise ParameterError(f"--checkpoint names a checkpoint like first-0.99 or step-002000, got {checkpoint!r}")
+    tensors = load_file(tracking.fetch_artifact(run_id, f"checkpoints/{checkpoint}.safetensors", stage=NAME))
+    meta = json.loads(tracking.fetch_artifact(run_id, f"checkpoints/{checkpoint}.json", stage=NAME).read_text())
+    return restore_checkpoint(tensors, meta)[0].model
