@@ -36,7 +36,7 @@ CPU = dict(
 )
 PROFILES = {"cpu": CPU, "paper": PAPER}
 
-CHUNK_ROWS = 8192  # training sequences generated at once; generation alone per batch costs ~15%
+CHUNK_ROWS = 8192  # sequences generated at once: <1% of step time, against ~15% for one batch at a time
 
 
 @dataclass(frozen=True)
