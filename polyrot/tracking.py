@@ -296,14 +296,18 @@ def stage_run(
     run_name: str | None = None,
     parent_run_id: str | None = None,
     tags: Mapping[str, object] | None = None,
+    adopt: bool = True,
 ) -> Iterator[StageRun]:
     """Open (or, under `mlflow run`, adopt) the run of one stage, record its provenance, close it.
+
+    Under `mlflow run` the entry point's run (MLFLOW_RUN_ID) is the stage's run; runs a stage opens
+    beneath its own (children) pass adopt=False.
 
     The run ends FINISHED only if the body completes; any exception, Ctrl-C included, marks it
     FAILED, so downstream lineage checks refuse half-written results.
     """
     client = configure()
-    adopted = os.environ.get("MLFLOW_RUN_ID")
+    adopted = os.environ.get("MLFLOW_RUN_ID") if adopt else None
     if adopted:
         run_id = adopted
     else:

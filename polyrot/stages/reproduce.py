@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from polyrot import pipeline, tracking
-from polyrot.stages.base import Option, Stage, positive
+from polyrot.stages.base import PARENT_RUN, Option, Stage, positive
 
 NAME = "reproduce"
 
@@ -21,9 +21,14 @@ OPTIONS = (
 )
 
 
+# The MLflow experiment defaults to the experiment definition's own name, not to "polyrot".
+COMMON = (Option("experiment", str, None, "MLflow experiment to log the runs in [default: the definition's name]"),
+          PARENT_RUN)
+
+
 def run(params: dict) -> str:
     exp = pipeline.load_experiment(params["name"], params["profile"])
-    experiment = params["experiment"] if params["experiment"] != "polyrot" else exp.name
+    experiment = params["experiment"] or exp.name
     stale = tracking.fail_stale_runs(experiment)
     if stale:
         click.echo(f"marked {len(stale)} stale RUNNING run(s) of a dead process as FAILED", err=True)
@@ -46,4 +51,4 @@ def run(params: dict) -> str:
 
 
 STAGE = Stage(NAME, "Run a whole experiment from projects/: reuse finished stages, run the rest.", OPTIONS, run,
-              code_version="1")
+              code_version="1", common=COMMON)

@@ -25,9 +25,7 @@ and is reused, like one); the group carries the same stage tag plus `polyrot.gro
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 
 import torch
@@ -106,17 +104,6 @@ def _site_pairs(params: dict, cfg: ModelConfig) -> list[tuple[str, str | None]]:
     return [(f"ln2_out_{layer}", f"mlp_out_{layer}") for layer in dict.fromkeys(layers)]
 
 
-@contextlib.contextmanager
-def _own_runs():
-    """Under `mlflow run`, stage_run adopts MLFLOW_RUN_ID: that is the group, so children must not."""
-    adopted = os.environ.pop("MLFLOW_RUN_ID", None)
-    try:
-        yield
-    finally:
-        if adopted is not None:
-            os.environ["MLFLOW_RUN_ID"] = adopted
-
-
 def run(params: dict) -> str:
     if bool(params["model_run"]) == bool(params["activations_run"]):
         raise ParameterError("give exactly one of --model-run and --activations-run")
@@ -155,11 +142,11 @@ def run(params: dict) -> str:
     # The data's spec: with --activations-run, that run's, whatever the --batch-* defaults say.
     extra = {**spec.as_params(), **heldout.as_params("heldout")}
 
-    def train_one(cfg: SAEConfig, target_site: str | None, run_params: dict) -> tuple[str, dict]:
+    def train_one(cfg: SAEConfig, target_site: str | None, run_params: dict, adopt: bool = True) -> tuple[str, dict]:
         with tracking.stage_run(NAME, run_params, code_version=STAGE.code_version, experiment=run_params["experiment"],
                                 upstream=upstream, parent_run_id=run_params["parent_run"],
                                 run_name=f"{cfg.kind}-{cfg.site}-x{cfg.expansion}",
-                                tags={TAG_SITE: cfg.site, "polyrot.kind": cfg.kind}) as run:
+                                tags={TAG_SITE: cfg.site, "polyrot.kind": cfg.kind}, adopt=adopt) as run:
             run.log_params({**extra, "target_site": target_site, "n_rows": len(data[cfg.site]),
                             "d_sae": cfg.d_sae})
             target = data[target_site] if target_site else None
@@ -190,8 +177,7 @@ def run(params: dict) -> str:
             # A child's params are those of the equivalent standalone run, so it is reused like one.
             alone = {**params, "site": cfg.site, "sites": None, "layer": None, "parent_run": group.run_id,
                      "experiment": experiment}
-            with _own_runs():
-                children[cfg.site], final = train_one(cfg, target_site, alone)
+            children[cfg.site], final = train_one(cfg, target_site, alone, adopt=False)
             group.log_metrics({f"{k}.{cfg.site}": v for k, v in final.items()}, cfg.steps)
         group.log_json(CHILDREN_FILE, children)
         return group.run_id
