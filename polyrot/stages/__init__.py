@@ -4,6 +4,7 @@ from polyrot.stages.activations import STAGE as ACTIVATIONS
 from polyrot.stages.audit import STAGE as AUDIT
 from polyrot.stages.base import Option, Stage
 from polyrot.stages.fit_rotation import STAGE as FIT_ROTATION
+from polyrot.stages.steering import STAGE as STEERING
 from polyrot.stages.train_sae import STAGE as TRAIN_SAE
 from polyrot.stages.train_seed import STAGE as TRAIN_SEED
 
@@ -13,6 +14,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     TRAIN_SAE,
     FIT_ROTATION,
     AUDIT,
+    STEERING,
 )}
 
 

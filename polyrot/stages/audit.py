@@ -92,7 +92,7 @@ OPTIONS = (
 )
 
 
-def _ids(raw: str, flag: str) -> list[str]:
+def parse_run_ids(raw: str, flag: str) -> list[str]:
     ids = list(dict.fromkeys(x.strip() for x in raw.split(",") if x.strip()))
     if not ids:
         raise ParameterError(f"{flag} names no run")
@@ -111,7 +111,7 @@ def _saes(raw: str, flag: str, models: Mapping[str, DyckTransformer],
     """{(model run, site): (train_sae run, SAE)} for the runs in `raw`, each an SAE on one of `models`
     (at `checkpoint`, or their final weights)."""
     found = {}
-    for rid in _ids(raw, flag):
+    for rid in parse_run_ids(raw, flag):
         for run_id in sae_runs(rid).values():
             sae = load_trained_sae(run_id)
             cfg = sae.cfg
@@ -136,7 +136,7 @@ def _saes(raw: str, flag: str, models: Mapping[str, DyckTransformer],
     return found
 
 
-def _labels(seeds: Mapping[str, str]) -> dict[str, str]:
+def seed_labels(seeds: Mapping[str, str]) -> dict[str, str]:
     """Metric-key label of each target run: s<seed>, plus the run ID's start where seeds repeat."""
     counts = Counter(seeds.values())
     return {rid: f"s{seed}" if counts[seed] == 1 else f"s{seed}-{rid[:8]}" for rid, seed in seeds.items()}
@@ -221,13 +221,13 @@ def run(params: dict) -> str:
     source_model = load_seed(source, checkpoint)
     found = _saes(params["saes"], "--saes", {source: source_model}, checkpoint)
     saes = {site: found[source, site] for site in site_names(source_model.cfg) if (source, site) in found}
-    targets = {rid: load_seed(rid, checkpoint) for rid in _ids(params["targets"], "--targets")}
+    targets = {rid: load_seed(rid, checkpoint) for rid in parse_run_ids(params["targets"], "--targets")}
     for rid, model in targets.items():
         check_same_d_model(source, source_model, rid, model)
     target_saes = (_saes(params["target_saes"], "--target-saes", targets, checkpoint)
                    if params["target_saes"] else {})
     target_seeds = {rid: seed_of(tracking.fetch_run(rid, TRAIN_SEED)) for rid in targets}
-    labels = _labels(target_seeds)
+    labels = seed_labels(target_seeds)
     if params["threads"]:
         torch.set_num_threads(params["threads"])
     sites = list(saes)

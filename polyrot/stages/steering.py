@@ -1,0 +1,160 @@
+"""Stage `steering`: do a source seed's steering vectors steer other seeds, raw and rotated (paper §8.6)?
+
+On one batch (default: the paper's evaluation batch) the three toy vectors of polyrot.steering are
+built from the source model's activations at one residual site. For every vector and alpha each is
+added at all positions, and its effect (conditional-accuracy drop on the vector's head at its
+targeted rows) is measured:
+
+  within_effect     on the source model itself
+  control_effect    on the source model, for a random direction of the vector's norm
+  raw_effect        on each target model, the vector added as it is
+  rotated_effect    on each target model, the vector mapped into the target's frame by the rotation
+                    target -> source (rotate_vector); fit here on the batch's activations, or with
+                    --use-registry the newest registered rotation of the pair (registry.find_rotation)
+  raw_ratio, ...    cross / within (NaN when within is negligible) and the regime label, both as
+                    defined in polyrot.steering
+
+Artifacts:
+  steering.csv            one row per vector x alpha x target
+  vectors.safetensors     the three directions as added (sign applied); header metadata: site,
+                          source run, and each vector's definition and head
+  fig4_steering.png       effect against alpha per vector: within / raw / rotated / control
+Metrics: <vector>.alpha<a>.{within,control}_effect and <vector>.alpha<a>.<target>.<column>
+(target = s<seed>), <target>.rotation_ev for the rotation used.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+from polyrot import registry, steering, steering_figures, tracking
+from polyrot.activations import condition_rows, extract
+from polyrot.dyck import EVAL_SPEC
+from polyrot.errors import ParameterError
+from polyrot.model import residual_sites, resolve_site
+from polyrot.rotation import fit_rotation
+from polyrot.stages.audit import parse_run_ids, seed_labels
+from polyrot.stages.base import REQUIRED, Option, Stage, batch_options, batch_spec, non_negative
+from polyrot.stages.fit_rotation import check_same_d_model, seed_of
+from polyrot.stages.train_seed import NAME as TRAIN_SEED
+from polyrot.stages.train_seed import load_seed
+
+NAME = "steering"
+# The paper's doses.
+DEFAULT_ALPHAS = "0.5,1,2,4"
+
+OPTIONS = (
+    Option("source", str, REQUIRED, "train_seed run ID whose activations define the steering vectors"),
+    Option("targets", str, REQUIRED, "comma-separated train_seed run IDs the vectors are transferred to"),
+    Option("site", str, "resid_mid_1", "residual site the vectors are built at and added to"),
+    Option("alphas", str, DEFAULT_ALPHAS, "comma-separated positive doses alpha (alpha * vector is added)"),
+    Option("use_registry", bool, False, "rotate with the registered rotation of each pair instead of fitting "
+           "one on the batch"),
+    Option("control_seed", int, 0, "seed of the random control directions"),
+    *batch_options(EVAL_SPEC),
+    Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative),
+)
+
+
+def parse_alphas(raw: str) -> list[float]:
+    try:
+        alphas = [float(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise ParameterError(f"--alphas takes comma-separated numbers, got {raw!r}") from None
+    if not alphas:
+        raise ParameterError("--alphas names no value")
+    if any(not a > 0 for a in alphas):
+        raise ParameterError(f"--alphas must all be positive (a vector's sign is part of its definition), got {raw!r}")
+    return list(dict.fromkeys(alphas))
+
+
+def residual_site(name: str, cfg) -> str:
+    """The canonical name of a residual site: a steering vector lives in the residual stream, where a
+    rotation can carry it to another seed."""
+    site = resolve_site(name, cfg)
+    if site not in residual_sites(cfg):
+        raise ParameterError(f"site {site} is not a residual site; residual sites: {', '.join(residual_sites(cfg))}")
+    return site
+
+
+def run(params: dict) -> str:
+    source = params["source"]
+    spec = batch_spec(params)
+    alphas = parse_alphas(params["alphas"])
+    # Everything that can be refused is checked before a run exists, so bad input leaves no run.
+    source_seed = seed_of(tracking.fetch_run(source, TRAIN_SEED))
+    source_model = load_seed(source)
+    site = residual_site(params["site"], source_model.cfg)
+    targets = {rid: load_seed(rid) for rid in parse_run_ids(params["targets"], "--targets")}
+    for rid, model in targets.items():
+        check_same_d_model(source, source_model, rid, model)
+    labels = seed_labels({rid: seed_of(tracking.fetch_run(rid, TRAIN_SEED)) for rid in targets})
+    registered = ({rid: registry.find_rotation(source_run=source, target_run=rid, site=site) for rid in targets}
+                  if params["use_registry"] else {})
+    if params["threads"]:
+        torch.set_num_threads(params["threads"])
+    batch = spec.generate()
+    acts_src = extract(source_model, batch, [site])[site]
+    vectors = steering.toy_vectors(acts_src, condition_rows(batch))
+
+    with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
+                            upstream={"source": source, **{f"target.{labels[rid]}": rid for rid in targets}},
+                            parent_run_id=params["parent_run"], run_name=f"steering-s{source_seed}",
+                            tags={"polyrot.source_seed": source_seed}) as run:
+        run.log_params(spec.as_params())
+        save_file({name: v.direction.contiguous() for name, v in vectors.items()}, run.path("vectors.safetensors"),
+                  metadata={"site": site, "source_run": source,
+                            **{f"{name}.definition": v.definition for name, v in vectors.items()},
+                            **{f"{name}.head": v.head for name, v in vectors.items()}})
+        run.log_artifact("vectors.safetensors")
+
+        rotations = {rid: registered.get(rid) or fit_rotation(acts_src, extract(model, batch, [site])[site],
+                                                              metadata={"site": site})
+                     for rid, model in targets.items()}
+        run.log_metrics({f"{labels[rid]}.rotation_ev": r.metadata["rotation_ev"]
+                         for rid, r in rotations.items() if "rotation_ev" in r.metadata})
+        with torch.no_grad():
+            base = {rid: model(batch.tokens) for rid, model in {source: source_model, **targets}.items()}
+
+        def measure(rid: str, model, direction: torch.Tensor, alpha: float, vector) -> float:
+            return steering.effect(model, batch, site, direction, alpha, vector.head, vector.targets, base=base[rid])
+
+        rows = []
+        for name, vector in vectors.items():
+            control = steering.random_control(vector.direction, params["control_seed"])
+            for alpha in alphas:
+                within = measure(source, source_model, vector.direction, alpha, vector)
+                control_effect = measure(source, source_model, control, alpha, vector)
+                for rid, model in targets.items():
+                    raw = measure(rid, model, vector.direction, alpha, vector)
+                    rotated = measure(rid, model, rotations[rid].rotate_vector(vector.direction), alpha, vector)
+                    rows.append({
+                        "vector": name, "head": vector.head, "alpha": alpha, "target": labels[rid],
+                        "target_run": rid, "n_targeted": int(vector.targets.sum()), "within_effect": within,
+                        "control_effect": control_effect, "raw_effect": raw, "rotated_effect": rotated,
+                        "within_negligible": abs(within) < steering.NEGLIGIBLE,
+                        "raw_ratio": steering.transfer_ratio(raw, within),
+                        "rotated_ratio": steering.transfer_ratio(rotated, within),
+                        "raw_regime": steering.regime(raw, within), "rotated_regime": steering.regime(rotated, within),
+                    })
+        table = pd.DataFrame(rows)
+        table.to_csv(run.path("steering.csv"), index=False)
+        run.log_artifact("steering.csv")
+        metrics = {}
+        for row in table.to_dict("records"):
+            prefix = f"{row['vector']}.alpha{row['alpha']:g}"
+            metrics[f"{prefix}.within_effect"] = row["within_effect"]
+            metrics[f"{prefix}.control_effect"] = row["control_effect"]
+            for column in ("raw_effect", "rotated_effect", "raw_ratio", "rotated_ratio"):
+                if pd.notna(row[column]):
+                    metrics[f"{prefix}.{row['target']}.{column}"] = row[column]
+        run.log_metrics(metrics)
+        run.log_figure("fig4_steering.png", steering_figures.effect_vs_alpha(
+            table, title=f"Steering at {site}: vectors of seed {source_seed}"))
+        return run.run_id
+
+
+STAGE = Stage(NAME, "Build the toy steering vectors on a source seed and measure how they transfer, raw and rotated.",
+              OPTIONS, run, code_version="1")
