@@ -54,3 +54,20 @@ def seed_run(store) -> str:
     from polyrot.stages import STAGES
 
     return STAGES["train_seed"](seed=0, experiment="tests", **TINY_TRAIN)
+
+
+def cli(*args: str):
+    """The polyrot command in-process, as a user would call it."""
+    from click.testing import CliRunner
+
+    from polyrot.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def one_line_error(result, pattern: str) -> None:
+    """Bad input: exit code 2, one line on stderr containing `pattern`, no traceback, no stdout."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output and not result.stdout, result.output
+    assert pattern in lines[0], lines[0]

@@ -11,7 +11,7 @@ from polyrot.dyck import BatchSpec
 from polyrot.errors import ArtifactCorruptError
 from polyrot.stages import STAGES
 from polyrot.stages.activations import load_activations, load_rows, site_activations
-from tests.test_train_seed_stage import cli, one_line_error
+from tests.conftest import cli, one_line_error
 
 EXPERIMENT = "tests-activations"
 SPEC = BatchSpec(n_sequences=200)

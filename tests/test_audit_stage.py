@@ -3,14 +3,13 @@
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from polyrot import tracking
-from polyrot.cli import main
 from polyrot.model import DyckTransformer, ModelConfig
 from polyrot.stages import STAGES
-from tests.test_fit_rotation_stage import log_model_run, one_line_error, rotated_copy_runs
+from tests.conftest import cli, one_line_error
+from tests.test_fit_rotation_stage import log_model_run, rotated_copy_runs
 
 torch.set_num_threads(1)
 
@@ -92,10 +91,6 @@ def test_artifacts_metrics_and_lineage(audited):
         assert 0 <= metrics[f"pooled.{kind}.ks_pvalue"] <= 1 and metrics[f"pooled.{kind}.n_rotations"] == 1
     assert run.data.tags[tracking.TAG_UPSTREAM + "source"] == ids["source"]
     assert run.data.tags[tracking.TAG_UPSTREAM + "target.s0"] == ids["target"]
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args))
 
 
 @pytest.mark.parametrize("args,message", [

@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from polyrot import registry, tracking
 from polyrot.activations import extract
-from polyrot.cli import main
 from polyrot.dyck import BatchSpec
 from polyrot.model import DyckTransformer, ModelConfig, fold_rmsnorm, rotate_residual, save_model
 from polyrot.rotation import Rotation, haar_rotation
@@ -15,6 +13,7 @@ from polyrot.stages import STAGES
 from polyrot.stages.fit_rotation import TAG_REGISTERED, TAG_SELF_PAIR
 from polyrot.stages.train_seed import NAME as TRAIN_SEED
 from polyrot.stages.train_seed import load_seed
+from tests.conftest import cli, one_line_error
 
 torch.set_num_threads(1)
 
@@ -46,17 +45,6 @@ def rotated_copy_runs(seed_run: str, haar_seed: int, experiment: str = EXPERIMEN
 @pytest.fixture(scope="module")
 def exact_pair(seed_run):
     return rotated_copy_runs(seed_run, haar_seed=11)
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def one_line_error(result, pattern: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output and not result.stdout, result.output
-    assert pattern in lines[0], lines[0]
 
 
 def test_recovers_the_known_rotation_and_registers_each_site(exact_pair):

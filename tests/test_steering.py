@@ -24,7 +24,8 @@ from polyrot.steering import (
     transfer_ratio,
 )
 from tests.conftest import TINY_TRAIN
-from tests.test_fit_rotation_stage import cli, one_line_error, rotated_copy_runs
+from tests.conftest import cli, one_line_error
+from tests.test_fit_rotation_stage import rotated_copy_runs
 
 torch.set_num_threads(1)
 

@@ -18,7 +18,7 @@ from polyrot.sae import evaluate_sae
 from polyrot.stages import STAGES
 from polyrot.stages.activations import site_activations
 from polyrot.stages.train_sae import load_trained_sae, sae_runs
-from tests.test_train_seed_stage import cli, one_line_error
+from tests.conftest import cli, one_line_error
 
 EXPERIMENT = "tests-sae"
 TINY_SAE = dict(steps=50, batch_size=256, eval_every=25, batch_sequences=300, heldout_sequences=128, threads=1)

@@ -10,22 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from polyrot import tracking
-from polyrot.cli import main
 from polyrot.model import SHARED_IO
 from polyrot.stages import STAGES
 from polyrot.stages.train_seed import load_seed
-from tests.conftest import TINY_TRAIN
+from tests.conftest import TINY_TRAIN, cli, one_line_error
 
 BIN = Path(sys.executable).parent
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args))
 
 
 def tiny_flags(**overrides) -> list[str]:
@@ -95,13 +89,6 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(store):
     b = load_file(tracking.artifact_dir(resumed_id) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert MlflowClient().get_run(resumed_id).data.tags[tracking.TAG_UPSTREAM + "resume"] == killed
-
-
-def one_line_error(result, pattern: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output and not result.stdout, result.output
-    assert pattern in lines[0], lines[0]
 
 
 def test_unknown_run_id(store):
