@@ -66,3 +66,23 @@ def eigen_angle_histogram(angles: np.ndarray, haar: np.ndarray, ks: dict, null_a
     ax.set_title(f"Eigen-angles of R vs Haar: KS statistic {ks['statistic']:.4f}, p = {ks['pvalue']:.3g}")
     ax.legend(fontsize=8)
     return fig
+
+
+def checkpoint_curve(table: pd.DataFrame) -> Figure:
+    """Cross-checkpoint audit (§8.7 as a curve): per site, ||R - I||_F and the source SAE's raw and
+    rotated EV against the target checkpoint, in the order the checkpoints were audited."""
+    checkpoints = list(dict.fromkeys(table["target_checkpoint"]))
+    x = np.arange(len(checkpoints))
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    panels = fig.subplots(1, 3)
+    for ax, column, label in zip(panels, ("frob_from_identity", "sae_raw_ev", "sae_rotated_ev"),
+                                 ("||R - I||_F", "raw EV (source SAE)", "rotated EV (source SAE)")):
+        for site, rows in table.groupby("site", sort=False):
+            values = rows.set_index("target_checkpoint")[column].reindex(checkpoints).to_numpy()
+            ax.plot(x, values, marker="o", markersize=3, label=site)
+        ax.set_xticks(x, checkpoints, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label)
+    panels[0].axhline(table["haar_prediction"].iloc[0], color="grey", linestyle="--", linewidth=0.8)
+    panels[0].legend(fontsize=7)
+    fig.suptitle("Source checkpoint's SAEs applied to other checkpoints of the run")
+    return fig

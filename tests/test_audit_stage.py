@@ -93,6 +93,23 @@ def test_artifacts_metrics_and_lineage(audited):
     assert run.data.tags[tracking.TAG_UPSTREAM + "target.s0"] == ids["target"]
 
 
+def test_cross_checkpoint_audit_of_one_run(seed_run):
+    """A run's final SAEs on its own checkpoints: the final weights transfer perfectly without any
+    rotation, an earlier checkpoint does not until it is rotated into the final frame."""
+    saes = STAGES["train_sae"](model_run=seed_run, site="resid_mid_1", **TINY_SAE)
+    run_id = STAGES["audit"](source=seed_run, saes=saes, targets=seed_run, target_checkpoints="step-000020,final",
+                             experiment=EXPERIMENT, **SMALL_BATCH)
+    table = pd.read_csv(tracking.artifact_dir(run_id) / "audit.csv").set_index("target_checkpoint")
+    assert list(table["target"]) == ["s0-step-000020", "s0-final"]
+    final, early = table.loc["final"], table.loc["step-000020"]
+    assert final["sae_raw_ev"] == pytest.approx(final["sae_self_ev"], abs=1e-6)
+    assert final["frob_from_identity"] < 1e-3 < early["frob_from_identity"]
+    assert early["sae_raw_ev"] < early["sae_rotated_ev"]
+    artifacts = tracking.artifact_dir(run_id)
+    assert (artifacts / "fig_cross_checkpoint.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "resid_mid_1.s0-step-000020.frob_from_identity" in MlflowClient().get_run(run_id).data.metrics
+
+
 @pytest.mark.parametrize("args,message", [
     (["--saes", "{target_sae}"], "was trained on model run {target}, not on {source}"),
     (["--saes", "{target}"], "expected a train_sae run"),
@@ -104,6 +121,8 @@ def test_artifacts_metrics_and_lineage(audited):
     (["--saes", ""], "--saes is required"),
     (["--checkpoint", "latest"], "--checkpoint names a checkpoint like first-0.99"),
     (["--checkpoint", "step-000020"], "has no artifact 'checkpoints/step-000020.safetensors'"),
+    (["--target-checkpoints", ","], "--target-checkpoints names no checkpoint"),
+    (["--target-checkpoints", "final", "--target-saes", "{target_sae}"], "cannot go with --target-checkpoints"),
 ])
 def test_bad_input_is_one_line_and_starts_no_run(audited, args, message):
     ids, _, _ = audited

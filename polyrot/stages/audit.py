@@ -31,6 +31,11 @@ folded), get the same rows with kind=untrained. Their SAEs are trained here, on 
 activations on dyck.SAE_SPEC, with the source SAE's config at each site (--null-sae-steps
 overrides its steps); there is no SAE of the untrained target, so no decoder cosine.
 
+Cross-checkpoint (--target-checkpoints): every target run is audited at each named checkpoint
+("final" for its final weights) instead of at --checkpoint; the target label becomes
+s<seed>-<checkpoint>. With the source run among the targets this measures how one run's basis
+turns during training (the paper's §8.7, as a curve over checkpoints).
+
 Internal sites are all but resid_pre_0, the embedding: bit-shared in Cohort A, and of low rank,
 so that R is arbitrary off its span. Pooled statistics and figure 2 use the internal sites (all
 sites if the audit has no other).
@@ -41,6 +46,8 @@ Artifacts:
                                 at internal sites and whether the two ranges are disjoint
   fig1_ev_by_site.png           self / raw / rotated / Gaussian EV per site (the paper's figure 1)
   fig2_eigen_angles.png         pooled eigen-angles of R against Haar O(d) (figure 2)
+  fig_cross_checkpoint.png      with --target-checkpoints: ||R - I||_F, raw and rotated EV per site
+                                against the target checkpoint
 Metrics: <site>.<target>.<column> (target = s<seed>, or untrained), pooled.<kind>.*, and with
 --null separates.<quantity> (1 when the trained and untrained ranges are disjoint).
 """
@@ -74,6 +81,7 @@ TRAINED, UNTRAINED = "trained", "untrained"
 EMBEDDING_SITE = "resid_pre_0"
 # Haar reference of the pooled KS test and of figure 2: the paper's 10 draws, rng 31.
 N_HAAR, HAAR_SEED = 10, 31
+FINAL = "final"
 DECODER_KEYS = ("max_mean", "max_frac_above", "hungarian_mean", "hungarian_frac_above")
 
 OPTIONS = (
@@ -88,6 +96,8 @@ OPTIONS = (
     Option("gaussian_seed", int, 7, "seed of the Gaussian baseline samples"),
     *batch_options(EVAL_SPEC),
     CHECKPOINT,
+    Option("target_checkpoints", str, None, "comma-separated checkpoints of the targets to audit (final: the "
+           "final weights), each against the source; default: --checkpoint"),
     Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative),
 )
 
@@ -97,6 +107,14 @@ def parse_run_ids(raw: str, flag: str) -> list[str]:
     if not ids:
         raise ParameterError(f"{flag} names no run")
     return ids
+
+
+def parse_checkpoints(raw: str) -> list[str | None]:
+    """Checkpoint names from --target-checkpoints; "final" stands for the final weights (None)."""
+    names = list(dict.fromkeys(x.strip() for x in raw.split(",") if x.strip()))
+    if not names:
+        raise ParameterError("--target-checkpoints names no checkpoint")
+    return [None if name == FINAL else name for name in names]
 
 
 def _null_seeds(raw: str) -> tuple[int, int]:
@@ -221,34 +239,42 @@ def run(params: dict) -> str:
     source_model = load_seed(source, checkpoint)
     found = _saes(params["saes"], "--saes", {source: source_model}, checkpoint)
     saes = {site: found[source, site] for site in site_names(source_model.cfg) if (source, site) in found}
-    targets = {rid: load_seed(rid, checkpoint) for rid in parse_run_ids(params["targets"], "--targets")}
-    for rid, model in targets.items():
+    target_runs = parse_run_ids(params["targets"], "--targets")
+    checkpoints = parse_checkpoints(params["target_checkpoints"]) if params["target_checkpoints"] else None
+    if checkpoints and params["target_saes"]:
+        raise ParameterError("--target-saes are SAEs of one checkpoint: they cannot go with --target-checkpoints")
+    target_seeds = {rid: seed_of(tracking.fetch_run(rid, TRAIN_SEED)) for rid in target_runs}
+    run_labels = seed_labels(target_seeds)
+    # (label, run ID, checkpoint, model): one per target run, or per target run and checkpoint.
+    targets = [(run_labels[rid], rid, checkpoint, load_seed(rid, checkpoint)) for rid in target_runs] \
+        if checkpoints is None else [(f"{run_labels[rid]}-{ckpt or FINAL}", rid, ckpt, load_seed(rid, ckpt))
+                                     for rid in target_runs for ckpt in checkpoints]
+    for _, rid, _, model in targets:
         check_same_d_model(source, source_model, rid, model)
-    target_saes = (_saes(params["target_saes"], "--target-saes", targets, checkpoint)
+    target_saes = (_saes(params["target_saes"], "--target-saes", {rid: m for _, rid, _, m in targets}, checkpoint)
                    if params["target_saes"] else {})
-    target_seeds = {rid: seed_of(tracking.fetch_run(rid, TRAIN_SEED)) for rid in targets}
-    labels = seed_labels(target_seeds)
     if params["threads"]:
         torch.set_num_threads(params["threads"])
     sites = list(saes)
 
     with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
-                            upstream={"source": source, **{f"target.{labels[rid]}": rid for rid in targets}},
+                            upstream={"source": source, **{f"target.{run_labels[rid]}": rid for rid in target_runs}},
                             parent_run_id=params["parent_run"], run_name=f"audit-s{source_seed}",
                             tags={"polyrot.source_seed": source_seed}) as run:
         run.log_params(spec.as_params())
         batch = spec.generate()
         acts_src = extract(source_model, batch, sites)
         rows, rotations = [], {TRAINED: [], UNTRAINED: []}
-        for rid, model in targets.items():
+        for label, rid, target_checkpoint, model in targets:
             acts_tgt = extract(model, batch, sites)
             for site in sites:
                 sae_run, sae = saes[site]
                 target_sae_run, target_sae = target_saes.get((rid, site), (None, None))
                 rotation = fit_rotation(acts_src[site], acts_tgt[site], metadata={"site": site})
                 rotations[TRAINED].append(rotation)
-                rows.append({"site": site, "kind": TRAINED, "target": labels[rid], "source_run": source,
-                             "target_run": rid, "source_seed": source_seed, "target_seed": target_seeds[rid],
+                rows.append({"site": site, "kind": TRAINED, "target": label, "source_run": source,
+                             "target_run": rid, "target_checkpoint": target_checkpoint or FINAL,
+                             "source_seed": source_seed, "target_seed": target_seeds[rid],
                              "sae_run": sae_run, "target_sae_run": target_sae_run,
                              **transfer_row(sae, acts_src[site], acts_tgt[site], rotation,
                                             gaussian_seed=params["gaussian_seed"], target_sae=target_sae)})
@@ -282,6 +308,8 @@ def run(params: dict) -> str:
             run.log_metrics({f"separates.{q}": float(s) for q, s in zip(summary["quantity"], summary["separates"])})
 
         run.log_figure("fig1_ev_by_site.png", figures.ev_by_site(table[table["kind"] == TRAINED]))
+        if checkpoints:
+            run.log_figure("fig_cross_checkpoint.png", figures.checkpoint_curve(table[table["kind"] == TRAINED]))
         angles = {kind: np.concatenate([eigen_angles(r.R) for r in found]) for kind, found in pooled.items()}
         ks = {"statistic": statistics[TRAINED]["ks_statistic"], "pvalue": statistics[TRAINED]["ks_pvalue"]}
         run.log_figure("fig2_eigen_angles.png", figures.eigen_angle_histogram(
