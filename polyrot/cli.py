@@ -125,3 +125,37 @@ def export_sae_command(run_id: str, directory: Path) -> None:
     from polyrot.stages.train_sae import load_trained_sae
 
     click.echo(export_saelens(load_trained_sae(run_id), directory))
+
+
+def _reproduction_options(fn):
+    fn = click.option("--experiment", default=None, metavar="NAME",
+                      help="MLflow experiment of the reproduction [default: the definition's]")(fn)
+    fn = click.option("--run", "run_id", default=None, metavar="RUN_ID",
+                      help="reproduce run to read [default: the newest finished one]")(fn)
+    return click.argument("name")(fn)
+
+
+@main.command("verify")
+@_reproduction_options
+def verify_command(name: str, run_id: str | None, experiment: str | None) -> None:
+    """Check the paper's claims on the latest reproduction of experiment NAME; exit 1 if a
+    required claim does not pass. The verdicts are logged on the reproduction's parent run."""
+    from polyrot import claims, verify
+
+    exp, parent = verify.reproduction(name, run_id, experiment)
+    verdicts = verify.verify(exp, parent)
+    click.echo(f"{exp.name}: reproduction {parent.info.run_id}")
+    click.echo(claims.render_text(verdicts))
+    sys.exit(1 if claims.failed_required(verdicts) else 0)
+
+
+@main.command("report")
+@_reproduction_options
+def report_command(name: str, run_id: str | None, experiment: str | None) -> None:
+    """Write the Markdown report (claims table and the paper's figures) of the latest
+    reproduction of experiment NAME onto its parent run, and print where it is."""
+    from polyrot import report, verify
+
+    exp, parent = verify.reproduction(name, run_id, experiment)
+    verdicts = verify.verify(exp, parent)
+    click.echo(report.write_report(exp, parent, verdicts))

@@ -3,7 +3,11 @@
 An experiment file names nodes; each node is one stage with its parameters. A parameter value
 "@node" is that node's run ID, "@prefix*" the comma-joined run IDs of every node whose id starts
 with prefix. `matrix` expands one node into several ("{seed}" in ids and values is replaced).
-`profiles` give per-stage default parameters (cpu, paper, ...) under the nodes' own.
+`profiles` give per-stage default parameters (cpu, paper, ...) under the nodes' own. `claims`
+list the paper's claims the experiment tests (polyrot.claims). `mlflow_experiment` names the MLflow
+experiment its runs go to when that is not the definition's own name: an experiment that builds on
+another's runs (the cross-checkpoint curve on Cohort A's seed 0) shares its MLflow experiment and
+so reuses them.
 
 Every node runs as a plain command line, `polyrot STAGE --param value ... --parent-run ID`, so a
 batch system can run the same graph: the executor is the small part to replace. A node whose
@@ -14,6 +18,7 @@ experiment is reused, not rerun — so an interrupted reproduction continues whe
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import itertools
 import os
 import re
@@ -28,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from polyrot.claims import Claim, ClaimError, parse_claim
 from polyrot.errors import PolyrotError
 from polyrot.stages import STAGES
 from polyrot.stages.base import Stage
@@ -60,6 +66,8 @@ class Experiment:
     profile: str
     nodes: dict[str, Node] = field(default_factory=dict)
     path: Path | None = None
+    claims: list[Claim] = field(default_factory=list)
+    mlflow_experiment: str = ""  # default: the definition's name
 
     def upstream(self, node: Node) -> list[str]:
         """Ids of the nodes `node` reads from."""
@@ -134,6 +142,7 @@ def load_experiment(name: str, profile: str = "cpu") -> Experiment:
         raise ExperimentError(f"{where}: no profile {profile!r}; it has: {', '.join(k for k in profiles if k != '__line__')}")
     defaults = profiles[profile] or {}
     exp = Experiment(doc.get("name", path.stem), doc.get("description", ""), profile, path=path)
+    exp.mlflow_experiment = str(doc.get("mlflow_experiment") or exp.name)
     for entry in doc["nodes"]:
         line = entry.get("__line__", 0) if isinstance(entry, dict) else 0
         if not isinstance(entry, dict) or "id" not in entry or "stage" not in entry:
@@ -162,7 +171,26 @@ def load_experiment(name: str, profile: str = "cpu") -> Experiment:
         node.stage.parse({k: ("0" * 32 if _REF.match(str(v).split(",")[0].strip()) else v)
                           for k, v in node.params.items()})
     exp.order()
+    _load_claims(exp, doc.get("claims") or [], where)
     return exp
+
+
+def _load_claims(exp: Experiment, entries: list, where: str) -> None:
+    if not isinstance(entries, list):
+        raise ExperimentError(f"{where}: 'claims' is a list of claims")
+    seen: set[str] = set()
+    for entry in entries:
+        at = f"{where}:{entry.get('__line__', 0) if isinstance(entry, dict) else 0}"
+        try:
+            claim = parse_claim(entry, at)
+        except ClaimError as exc:
+            raise ExperimentError(str(exc)) from None
+        if claim.id in seen:
+            raise ExperimentError(f"{at}: duplicate claim id {claim.id!r}")
+        if not fnmatch.filter(exp.nodes, claim.node):
+            raise ExperimentError(f"{at}: claim {claim.id} reads node {claim.node!r}, which matches no node")
+        seen.add(claim.id)
+        exp.claims.append(claim)
 
 
 def resolve(exp: Experiment, node: Node, run_ids: dict[str, str]) -> dict[str, str]:

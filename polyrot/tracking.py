@@ -335,6 +335,19 @@ def stage_run(
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
+@contextlib.contextmanager
+def attach(run_id: str) -> Iterator[StageRun]:
+    """Log more to an existing run (verify and report annotate a finished reproduction); its
+    status is left as it is."""
+    client = configure()
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise RunNotFoundError(f"run {run_id!r} not found in {tracking_uri()}") from None
+    with tempfile.TemporaryDirectory(prefix="polyrot-") as tmp:
+        yield StageRun(run_id, client, Path(tmp))
+
+
 # --- lineage ---------------------------------------------------------------------------------
 
 

@@ -56,6 +56,15 @@ def seed_run(store) -> str:
     return STAGES["train_seed"](seed=0, experiment="tests", **TINY_TRAIN)
 
 
+@pytest.fixture(scope="session")
+def smoke_reproduction(store) -> str:
+    """The parent run of one `reproduce smoke` (every stage on tiny seeds, its claims verified and
+    its report written), shared by the tests that read a whole reproduction."""
+    from polyrot.stages import STAGES
+
+    return STAGES["reproduce"](name="smoke")
+
+
 def cli(*args: str):
     """The polyrot command in-process, as a user would call it."""
     from click.testing import CliRunner

@@ -9,7 +9,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from polyrot import ui
-from polyrot.stages import STAGES
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -36,10 +35,10 @@ def server(store):
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_compare_view_shows_the_audit_metrics_of_the_child_runs(server):
+def test_compare_view_shows_the_audit_metrics_of_the_child_runs(server, smoke_reproduction):
     from playwright.sync_api import sync_playwright
 
-    parent = STAGES["reproduce"](name="smoke", experiment="ui-smoke")
+    parent = smoke_reproduction
     client = MlflowClient()
     children = [v for k, v in client.get_run(parent).data.tags.items() if k.startswith("polyrot.node.")]
     exp_id = client.get_run(parent).info.experiment_id

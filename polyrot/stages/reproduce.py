@@ -2,14 +2,17 @@
 
 The parent run's tags `polyrot.node.<id>` hold each node's run ID (reused or new) and
 `graph.json` records the graph with the commands that ran, so the result of a reproduction is one
-run ID from which everything else is reachable.
+run ID from which everything else is reachable. At the end the experiment's claims are verified
+(polyrot.verify: the table goes to stderr, the verdicts onto the parent run) and the report is
+written (polyrot.report). The exit status says whether the stages ran, not whether the paper's
+claims hold: `polyrot verify NAME` is the gate that exits 1 when a required claim fails.
 """
 
 from __future__ import annotations
 
 import click
 
-from polyrot import pipeline, tracking
+from polyrot import claims, pipeline, report, tracking, verify
 from polyrot.stages.base import PARENT_RUN, Option, Stage, positive
 
 NAME = "reproduce"
@@ -28,13 +31,13 @@ COMMON = (Option("experiment", str, None, "MLflow experiment to log the runs in 
 
 def run(params: dict) -> str:
     exp = pipeline.load_experiment(params["name"], params["profile"])
-    experiment = params["experiment"] or exp.name
+    experiment = params["experiment"] or exp.mlflow_experiment
     stale = tracking.fail_stale_runs(experiment)
     if stale:
         click.echo(f"marked {len(stale)} stale RUNNING run(s) of a dead process as FAILED", err=True)
     with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=experiment,
                             run_name=f"reproduce {exp.name} ({exp.profile})",
-                            tags={"polyrot.experiment_definition": exp.name}) as parent:
+                            tags={verify.TAG_DEFINITION: exp.name}) as parent:
         outcome = pipeline.execute(exp, experiment=experiment, parent_run=parent.run_id, jobs=params["jobs"],
                                    echo=lambda line: click.echo(line, err=True))
         parent.set_tags({f"polyrot.node.{node}": rid for node, rid in outcome.run_ids.items()})
@@ -47,6 +50,13 @@ def run(params: dict) -> str:
         })
         click.echo(f"{exp.name}: {len(outcome.ran)} stage(s) ran, {len(outcome.reused)} reused; "
                    f"parent run {parent.run_id}", err=True)
+        # The parent's node tags are set, so it reads as a reproduction before it is closed.
+        reproduction = tracking.configure().get_run(parent.run_id)
+        verdicts = verify.verify(exp, reproduction, log_to=parent)
+        if verdicts:
+            click.echo(claims.render_text(verdicts), err=True)
+        path = report.write_report(exp, reproduction, verdicts, log_to=parent)
+        click.echo(f"report: {path}\nbrowse the runs: polyrot ui", err=True)
         return parent.run_id
 
 

@@ -1,0 +1,234 @@
+"""The paper's claims as data, and their verdicts on measured metrics.
+
+A claim lives in an experiment file (`claims:` in projects/*.yaml) because it reads the metrics of
+that experiment's nodes:
+
+    - id: sae-raw-ev-negative              unique within the experiment
+      section: "§8.1"                      where the paper says it
+      claim: the source SAE reconstructs other seeds at negative EV, every internal site
+      paper: "< 0 at every internal site"  the paper's value or bound, as the paper gives it
+      node: audit                          node id whose run's metrics are read (a glob: seed*)
+      metrics: ["resid_mid_*.s*.sae_raw_ev"]   metric-name globs (fnmatch, case-sensitive)
+      compare_to: [...]                    optional: partner globs, paired by metric prefix
+      op: difference                       difference (value - partner) or ratio (value / partner)
+      reduce: all                          all (every value must pass), min, max, mean or median
+      expect: {below: 0}                   below / above / between [lo, hi] / near + tol
+      tol: 0                               added to the bounds (absolute)
+      required: true                       a failing required claim makes `verify` exit 1
+
+Pairing with `compare_to`: a metric and its partner are paired when their names agree after
+dropping the last dotted component (`resid_mid_0.s1.firing_rotated_mean` pairs with
+`resid_mid_0.s1.firing_raw_mean`); a metric without a partner is an error of the claim.
+
+Verdicts: pass, fail, or missing (no metric matched: the node did not run, or logs other names).
+A missing claim counts as failing when it is required, since nothing was verified.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from polyrot.errors import ParameterError
+
+REDUCERS = ("all", "min", "max", "mean", "median")
+OPS = ("difference", "ratio")
+EXPECTATIONS = ("below", "above", "between", "near")
+PASS, FAIL, MISSING = "pass", "fail", "missing"
+_KEYS = {"id", "section", "claim", "paper", "node", "metrics", "compare_to", "op", "reduce", "expect", "tol",
+         "required"}
+
+
+class ClaimError(ParameterError):
+    pass
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    section: str
+    claim: str
+    paper: str
+    node: str
+    metrics: tuple[str, ...]
+    expect: Mapping[str, object]
+    reduce: str = "all"
+    compare_to: tuple[str, ...] = ()
+    op: str = "difference"
+    tol: float = 0.0
+    required: bool = True
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """The accepted interval [lo, hi], tolerance included."""
+        e = self.expect
+        if "below" in e:
+            return -math.inf, float(e["below"]) + self.tol
+        if "above" in e:
+            return float(e["above"]) - self.tol, math.inf
+        if "between" in e:
+            lo, hi = e["between"]
+            return float(lo) - self.tol, float(hi) + self.tol
+        return float(e["near"]) - self.tol, float(e["near"]) + self.tol
+
+    @property
+    def expectation(self) -> str:
+        """The accepted interval in words, for the table."""
+        lo, hi = self.bounds
+        which = "every value" if self.reduce == "all" else self.reduce
+        if math.isinf(lo):
+            return f"{which} < {hi:.4g}"
+        if math.isinf(hi):
+            return f"{which} > {lo:.4g}"
+        return f"{which} in [{lo:.4g}, {hi:.4g}]"
+
+
+@dataclass
+class Verdict:
+    claim: Claim
+    status: str
+    measured: float | None = None  # the reduced value (for reduce=all: the worst one)
+    spread: tuple[float, float] | None = None  # min and max over the matched values
+    n: int = 0
+    values: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shown(self) -> str:
+        if self.status == MISSING:
+            return "not measured"
+        if self.claim.reduce == "all" and self.n > 1:
+            return f"{_fmt(self.spread[0])} … {_fmt(self.spread[1])} (n={self.n})"
+        return _fmt(self.measured) + (f" (n={self.n})" if self.n > 1 else "")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+def _globs(value, where: str, key: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(g, str) and g for g in items):
+        raise ClaimError(f"{where}: '{key}' takes a metric-name glob or a list of them")
+    return tuple(items)
+
+
+def parse_claim(entry: Mapping, where: str) -> Claim:
+    """One claim from its YAML mapping; `where` (file:line) prefixes every error."""
+    if not isinstance(entry, Mapping):
+        raise ClaimError(f"{where}: a claim is a mapping with id, node, metrics and expect")
+    entry = {k: v for k, v in entry.items() if k != "__line__"}
+    unknown = sorted(set(entry) - _KEYS)
+    if unknown:
+        raise ClaimError(f"{where}: claim has no field {unknown[0]!r}; fields: {', '.join(sorted(_KEYS))}")
+    for key in ("id", "node", "metrics", "expect", "paper"):
+        if key not in entry:
+            raise ClaimError(f"{where}: claim {entry.get('id', '?')!r} needs '{key}'")
+    expect = entry["expect"]
+    if not isinstance(expect, Mapping) or len(set(expect) & set(EXPECTATIONS)) != 1:
+        raise ClaimError(f"{where}: claim {entry['id']}: 'expect' takes exactly one of {', '.join(EXPECTATIONS)}")
+    expect = {k: v for k, v in expect.items() if k != "__line__"}
+    reduce, op = entry.get("reduce", "all"), entry.get("op", "difference")
+    if reduce not in REDUCERS:
+        raise ClaimError(f"{where}: claim {entry['id']}: reduce must be one of {', '.join(REDUCERS)}, got {reduce!r}")
+    if op not in OPS:
+        raise ClaimError(f"{where}: claim {entry['id']}: op must be one of {', '.join(OPS)}, got {op!r}")
+    claim = Claim(
+        id=str(entry["id"]), section=str(entry.get("section", "")), claim=str(entry.get("claim", "")),
+        paper=str(entry["paper"]), node=str(entry["node"]), metrics=_globs(entry["metrics"], where, "metrics"),
+        expect=expect, reduce=reduce, op=op, tol=float(entry.get("tol", 0.0)), required=bool(entry.get("required", True)),
+        compare_to=_globs(entry["compare_to"], where, "compare_to") if "compare_to" in entry else (),
+    )
+    try:
+        lo, hi = claim.bounds
+    except (TypeError, ValueError):
+        raise ClaimError(f"{where}: claim {claim.id}: bad 'expect' {expect!r}") from None
+    if "near" in expect and claim.tol <= 0:
+        raise ClaimError(f"{where}: claim {claim.id}: 'near' needs a positive 'tol'")
+    if lo > hi:
+        raise ClaimError(f"{where}: claim {claim.id}: empty interval [{lo}, {hi}]")
+    return claim
+
+
+def _matching(metrics: Mapping[str, Mapping[str, float]], node_glob: str, globs: tuple[str, ...]) -> dict[str, float]:
+    """{'node/metric': value} for every metric of a matching node whose name matches a glob."""
+    found = {}
+    for node, values in metrics.items():
+        if fnmatch.fnmatchcase(node, node_glob):
+            for name, value in values.items():
+                if any(fnmatch.fnmatchcase(name, g) for g in globs):
+                    found[f"{node}/{name}"] = float(value)
+    return found
+
+
+def _prefix(key: str) -> str:
+    return key.rsplit(".", 1)[0]
+
+
+def evaluate(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> Verdict:
+    """The claim's verdict on `metrics` ({node id: {metric name: value}})."""
+    values = _matching(metrics, claim.node, claim.metrics)
+    if claim.compare_to:
+        partners = {_prefix(k): v for k, v in _matching(metrics, claim.node, claim.compare_to).items()}
+        if values and not all(_prefix(k) in partners for k in values):
+            lonely = next(k for k in values if _prefix(k) not in partners)
+            raise ClaimError(f"claim {claim.id}: metric {lonely} has no partner among {', '.join(claim.compare_to)}")
+        values = {k: (v - partners[_prefix(k)] if claim.op == "difference" else v / partners[_prefix(k)])
+                  for k, v in values.items()}
+    values = {k: v for k, v in values.items() if not math.isnan(v)}
+    if not values:
+        return Verdict(claim, MISSING)
+    arr = np.array(list(values.values()))
+    lo, hi = claim.bounds
+    inside = (arr >= lo) & (arr <= hi)
+    if claim.reduce == "all":
+        ok = bool(inside.all())
+        # The reported value is the one furthest outside the interval (or closest to its edge).
+        distance = np.maximum(lo - arr, arr - hi)
+        measured = float(arr[int(np.argmax(distance))])
+    else:
+        measured = float(getattr(np, claim.reduce)(arr))
+        ok = lo <= measured <= hi
+    return Verdict(claim, PASS if ok else FAIL, measured, (float(arr.min()), float(arr.max())), len(arr), values)
+
+
+def verdict_table(verdicts: list[Verdict]) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "id": v.claim.id, "section": v.claim.section, "claim": v.claim.claim, "paper": v.claim.paper,
+        "expected": v.claim.expectation, "measured": v.shown, "value": v.measured, "n": v.n, "status": v.status,
+        "required": v.claim.required,
+    } for v in verdicts])
+
+
+def failed_required(verdicts: list[Verdict]) -> list[Verdict]:
+    return [v for v in verdicts if v.claim.required and v.status != PASS]
+
+
+def render_text(verdicts: list[Verdict], width: int = 48) -> str:
+    """The verify table for a terminal: claim, paper, measured, verdict."""
+    def cut(text: str, n: int) -> str:
+        return text if len(text) <= n else text[:n - 1] + "…"
+
+    mark = {PASS: "PASS", FAIL: "FAIL", MISSING: "----"}
+    lines = [f"{'claim':<34} {'paper':<{width - 14}} {'measured':<34} verdict"]
+    for v in verdicts:
+        flag = mark[v.status] + ("" if v.claim.required else " (optional)")
+        lines.append(f"{cut(v.claim.id, 34):<34} {cut(v.claim.paper, width - 14):<{width - 14}} "
+                     f"{cut(v.shown, 34):<34} {flag}")
+    counts = {s: sum(v.status == s for v in verdicts) for s in (PASS, FAIL, MISSING)}
+    lines.append(f"{len(verdicts)} claims: {counts[PASS]} pass, {counts[FAIL]} fail, {counts[MISSING]} not measured; "
+                 f"{len(failed_required(verdicts))} required claim(s) not passing")
+    return "\n".join(lines)
+
+
+def render_markdown(verdicts: list[Verdict]) -> str:
+    rows = ["| claim | § | paper | expected | measured | verdict |", "|---|---|---|---|---|---|"]
+    for v in verdicts:
+        verdict = {PASS: "pass", FAIL: "**fail**", MISSING: "not measured"}[v.status]
+        rows.append(f"| {v.claim.id}: {v.claim.claim} | {v.claim.section} | {v.claim.paper} | "
+                    f"{v.claim.expectation} | {v.shown} | {verdict}{'' if v.claim.required else ' (optional)'} |")
+    return "\n".join(rows)

@@ -1,0 +1,121 @@
+"""Claims as data: parsing, verdicts on metrics, pairing, and errors in experiment files."""
+
+import math
+import textwrap
+
+import pytest
+
+from polyrot import pipeline
+from polyrot.claims import FAIL, MISSING, PASS, ClaimError, evaluate, failed_required, parse_claim, render_text
+
+METRICS = {
+    "audit": {"resid_mid_0.s1.sae_raw_ev": -3.0, "resid_mid_0.s2.sae_raw_ev": -1.0, "resid_post_1.s1.sae_raw_ev": 0.2,
+              "resid_mid_0.s1.firing_rotated_mean": 0.7, "resid_mid_0.s1.firing_raw_mean": 0.3,
+              "resid_mid_0.s2.firing_rotated_mean": 0.5, "resid_mid_0.s2.firing_raw_mean": 0.6},
+    "seed0": {"final.acc.min": 0.995},
+    "seed1": {"final.acc.min": 0.9999},
+}
+
+
+def claim(**fields):
+    return parse_claim({"id": "c", "paper": "p", "node": "audit", **fields}, "test.yaml:1")
+
+
+def test_every_value_must_pass_and_the_worst_is_reported():
+    v = evaluate(claim(metrics="resid_*.s*.sae_raw_ev", expect={"below": 0}), METRICS)
+    assert v.status == FAIL and v.measured == 0.2 and v.n == 3 and v.spread == (-3.0, 0.2)
+    v = evaluate(claim(metrics="resid_mid_*.s*.sae_raw_ev", expect={"below": 0}), METRICS)
+    assert v.status == PASS and v.measured == -1.0  # the value nearest the bound
+
+
+def test_reductions_tolerance_and_near():
+    assert evaluate(claim(metrics="*.sae_raw_ev", reduce="mean", expect={"below": 0}), METRICS).measured == \
+        pytest.approx(-1.2667, abs=1e-4)
+    assert evaluate(claim(metrics="*.sae_raw_ev", reduce="max", expect={"below": 0.1}, tol=0.1), METRICS).status == PASS
+    assert evaluate(claim(metrics="*.sae_raw_ev", reduce="min", expect={"near": -3.05}, tol=0.1), METRICS).status == PASS
+    assert evaluate(claim(metrics="*.sae_raw_ev", reduce="median", expect={"between": [-2, 0]}), METRICS).measured == -1.0
+
+
+def test_node_globs_gather_several_runs():
+    v = evaluate(parse_claim({"id": "acc", "paper": "99.99%", "node": "seed*", "metrics": "final.acc.min",
+                              "expect": {"above": 0.9999}}, "x"), METRICS)
+    assert v.status == FAIL and v.n == 2 and set(v.values) == {"seed0/final.acc.min", "seed1/final.acc.min"}
+
+
+def test_compare_to_pairs_metrics_by_prefix():
+    c = claim(metrics="*.firing_rotated_mean", compare_to="*.firing_raw_mean", expect={"above": 0})
+    v = evaluate(c, METRICS)
+    assert v.status == FAIL and v.values == pytest.approx({"audit/resid_mid_0.s1.firing_rotated_mean": 0.4,
+                                                           "audit/resid_mid_0.s2.firing_rotated_mean": -0.1})
+    ratio = claim(metrics="*.firing_rotated_mean", compare_to="*.firing_raw_mean", op="ratio", reduce="max",
+                  expect={"above": 2})
+    assert evaluate(ratio, METRICS).measured == pytest.approx(0.7 / 0.3)
+    with pytest.raises(ClaimError, match="has no partner"):
+        evaluate(claim(metrics="*.firing_rotated_mean", compare_to="resid_post_1.*", expect={"above": 0}), METRICS)
+
+
+def test_missing_metrics_fail_only_required_claims():
+    required = evaluate(claim(metrics="nothing.*", expect={"above": 0}), METRICS)
+    optional = evaluate(claim(metrics="nothing.*", expect={"above": 0}, required=False), METRICS)
+    assert required.status == optional.status == MISSING and required.measured is None
+    assert failed_required([required, optional]) == [required]
+    text = render_text([required, optional])
+    assert "not measured" in text and "2 claims: 0 pass, 0 fail, 2 not measured; 1 required" in text
+
+
+def test_nan_values_are_not_measurements():
+    assert evaluate(claim(metrics="x", expect={"above": 0}), {"audit": {"x": math.nan}}).status == MISSING
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"expect": {"below": 0}}, "needs 'metrics'"),
+    ({"metrics": "x", "expect": {"below": 0, "above": 1}}, "exactly one of"),
+    ({"metrics": "x", "expect": {"near": 1}}, "'near' needs a positive 'tol'"),
+    ({"metrics": "x", "expect": {"between": [2, 1]}}, "empty interval"),
+    ({"metrics": "x", "expect": {"between": "a"}}, "bad 'expect'"),
+    ({"metrics": "x", "expect": {"below": 0}, "reduce": "sum"}, "reduce must be one of"),
+    ({"metrics": "x", "expect": {"below": 0}, "op": "product"}, "op must be one of"),
+    ({"metrics": [], "expect": {"below": 0}}, "'metrics' takes a metric-name glob"),
+    ({"metrics": "x", "expect": {"below": 0}, "bound": 3}, "claim has no field 'bound'"),
+])
+def test_bad_claims_say_what_is_wrong(fields, message):
+    with pytest.raises(ClaimError, match=message) as err:
+        claim(**fields)
+    assert str(err.value).startswith("test.yaml:1: ")
+
+
+def test_claims_in_an_experiment_file_are_checked_before_any_run(tmp_path):
+    body = textwrap.dedent("""\
+        name: with-claims
+        profiles: {cpu: {}}
+        nodes:
+          - id: seed0
+            stage: train_seed
+            params: {seed: 0}
+        claims:
+          - id: acc
+            paper: "99.99%"
+            node: seed0
+            metrics: final.acc.min
+            expect: {above: 0.9999}
+          - id: ghost
+            paper: "-"
+            node: audit
+            metrics: x
+            expect: {above: 0}
+        """)
+    path = tmp_path / "with-claims.yaml"
+    path.write_text(body)
+    with pytest.raises(pipeline.ExperimentError, match=r"with-claims.yaml:13: claim ghost reads node 'audit', which "
+                                                       "matches no node"):
+        pipeline.load_experiment(str(path))
+    path.write_text(body.replace("id: ghost", "id: acc"))
+    with pytest.raises(pipeline.ExperimentError, match="duplicate claim id 'acc'"):
+        pipeline.load_experiment(str(path))
+
+
+def test_the_dyck3_experiments_state_at_least_twenty_claims():
+    claims = [c for name in pipeline.available() if name.startswith("dyck3-")
+              for c in pipeline.load_experiment(name).claims]
+    assert len(claims) >= 20
+    assert {c.section for c in claims} >= {"§8.1", "§8.2", "§8.3", "§8.5", "§8.6"}
