@@ -33,8 +33,9 @@ def ev_by_site(table: pd.DataFrame, title: str = "Source SAE explained variance 
     width = 0.8 / len(EV_SERIES)
     for i, (column, label, color) in enumerate(EV_SERIES):
         mean = grouped[column].mean().reindex(sites).to_numpy()
-        spread = np.stack([mean - grouped[column].min().reindex(sites).to_numpy(),
-                           grouped[column].max().reindex(sites).to_numpy() - mean])
+        # Clipped: the mean of equal values can round a hair past them, and matplotlib refuses that.
+        spread = np.clip(np.stack([mean - grouped[column].min().reindex(sites).to_numpy(),
+                                   grouped[column].max().reindex(sites).to_numpy() - mean]), 0, None)
         ax.bar(x + (i - (len(EV_SERIES) - 1) / 2) * width, mean, width, yerr=spread, capsize=2,
                color=color, label=label)
     ax.axhline(0.0, color="black", linewidth=0.6)
