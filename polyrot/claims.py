@@ -8,7 +8,9 @@ that experiment's nodes:
       claim: the source SAE reconstructs other seeds at negative EV, every internal site
       paper: "< 0 at every internal site"  the paper's value or bound, as the paper gives it
       node: audit                          node id whose run's metrics are read (a glob: seed*)
-      metrics: ["resid_mid_*.s*.sae_raw_ev"]   metric-name globs (fnmatch, case-sensitive)
+      metrics: ["resid_mid_*.s*.sae_raw_ev"]   metric-name globs (fnmatch, case-sensitive; `*` also
+                                           matches dots, so `s[0-9].bar_b` rather than `s*.bar_b`,
+                                           which would take `s1.cross.bar_b` too)
       compare_to: [...]                    optional: partner globs, paired by metric prefix
       op: difference                       difference (value - partner) or ratio (value / partner)
       reduce: all                          all (every value must pass), min, max, mean or median
