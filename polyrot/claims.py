@@ -18,9 +18,10 @@ that experiment's nodes:
       tol: 0                               added to the bounds (absolute)
       required: true                       a failing required claim makes `verify` exit 1
 
-Pairing with `compare_to`: a metric and its partner are paired when their names agree after
-dropping the last dotted component (`resid_mid_0.s1.firing_rotated_mean` pairs with
-`resid_mid_0.s1.firing_raw_mean`); a metric without a partner is an error of the claim.
+Pairing with `compare_to`: a metric and its partner are paired when they come from the same node
+and their names agree after dropping the last dotted component (`resid_mid_0.s1.firing_rotated_mean`
+pairs with `resid_mid_0.s1.firing_raw_mean`; dotless names such as `r_ig` and `r_ap` pair by node);
+a metric without a partner is an error of the claim.
 
 Verdicts: pass, fail, or missing (no metric matched: the node did not run, or logs other names).
 A missing claim counts as failing when it is required, since nothing was verified.
@@ -168,7 +169,9 @@ def _matching(metrics: Mapping[str, Mapping[str, float]], node_glob: str, globs:
 
 
 def _prefix(key: str) -> str:
-    return key.rsplit(".", 1)[0]
+    """'node/a.b.c' -> 'node/a.b'; a dotless metric name pairs by its node alone ('node/r_ap' -> 'node')."""
+    node, name = key.split("/", 1)
+    return f"{node}/{name.rsplit('.', 1)[0]}" if "." in name else node
 
 
 def evaluate(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> Verdict:

@@ -54,6 +54,14 @@ def test_compare_to_pairs_metrics_by_prefix():
         evaluate(claim(metrics="*.firing_rotated_mean", compare_to="resid_post_1.*", expect={"above": 0}), METRICS)
 
 
+def test_dotless_metrics_pair_within_their_node():
+    metrics = {"attribution1": {"r_ig": 0.99, "r_ap": 0.2}, "attribution2": {"r_ig": 0.98, "r_ap": 0.9}}
+    c = parse_claim({"id": "ig", "paper": "0.98 vs 0.05", "node": "attribution*", "metrics": "r_ig",
+                     "compare_to": "r_ap", "expect": {"above": 0.5}}, "x")
+    v = evaluate(c, metrics)
+    assert v.status == FAIL and v.values == pytest.approx({"attribution1/r_ig": 0.79, "attribution2/r_ig": 0.08})
+
+
 def test_missing_metrics_fail_only_required_claims():
     required = evaluate(claim(metrics="nothing.*", expect={"above": 0}), METRICS)
     optional = evaluate(claim(metrics="nothing.*", expect={"above": 0}, required=False), METRICS)
