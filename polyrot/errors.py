@@ -35,3 +35,7 @@ class ArtifactMissingError(LineageError):
 
 class ArtifactCorruptError(LineageError):
     pass
+
+
+class HubResolutionError(PolyrotError, LookupError):
+    """A Hugging Face model, revision or corpus that cannot be resolved here (offline, or absent)."""

@@ -126,12 +126,15 @@ def test_stage_logs_the_table_vectors_and_figure(seed_run, cohort_a_run):
     # The source as its own target: raw and rotated transfer reproduce the within-seed effect.
     self_rows = table[table["target"] == "s0"]
     assert (self_rows["raw_effect"] == self_rows["within_effect"]).all()
+    # ... and the control on the target is the source's control.
+    assert (self_rows["target_control_effect"] == self_rows["control_effect"]).all()
     assert (self_rows["rotated_effect"] - self_rows["within_effect"]).abs().max() < 0.02
     with safe_open(str(artifacts / "vectors.safetensors"), framework="pt") as f:
         assert set(f.keys()) == {"depth", "sticky", "closer"} and f.get_tensor("depth").shape == (64,)
         assert f.metadata()["site"] == SITE and f.metadata()["sticky.head"] == "valid"
     assert (artifacts / "fig4_steering.png").stat().st_size > 0
     assert "depth.alpha4.within_effect" in run.data.metrics and "closer.alpha1.s1.rotated_effect" in run.data.metrics
+    assert "sticky.alpha4.s1.target_control_effect" in run.data.metrics
     assert run.data.tags[tracking.TAG_UPSTREAM + "target.s1"] == cohort_a_run
 
 

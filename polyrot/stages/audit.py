@@ -36,7 +36,14 @@ Cross-checkpoint (--target-checkpoints): every target run is audited at each nam
 s<seed>-<checkpoint>. With the source run among the targets this measures how one run's basis
 turns during training (the paper's §8.7, as a curve over checkpoints).
 
-Internal sites are all but resid_pre_0, the embedding: bit-shared in Cohort A, and of low rank,
+Hugging Face models (--source and --targets hf_activations runs, polyrot.hf): the stored
+activations are the rows (source and targets must hold the same tokens, checked by digest), the
+SAEs are train_sae runs on the source activations run itself, and there is no null pair or
+checkpoint option (another revision's activations run is simply another target: step3000 ->
+step143000 is the paper's cross-checkpoint pair). With --target-saes, decoder_pairs.csv holds the
+decoder cosine of every pair of models at every site (the paper's 36 pairs of 9 Pythia seeds).
+
+Internal sites are all but resid_pre_0 (layer0_resid_pre for Hugging Face models), the embedding: bit-shared in Cohort A, and of low rank,
 so that R is arbitrary off its span. Pooled statistics and figure 2 use the internal sites (all
 sites if the audit has no other).
 
@@ -46,6 +53,8 @@ Artifacts:
                                 at internal sites and whether the two ranges are disjoint
   fig1_ev_by_site.png           self / raw / rotated / Gaussian EV per site (the paper's figure 1)
   fig2_eigen_angles.png         pooled eigen-angles of R against Haar O(d) (figure 2)
+  decoder_pairs.csv             hf_activations runs with --target-saes: decoder cosine of every pair
+                                of models per site
   fig_cross_checkpoint.png      with --target-checkpoints: ||R - I||_F, raw and rotated EV per site
                                 against the target checkpoint
 Metrics: <site>.<target>.<column> (target = s<seed>, or untrained), pooled.<kind>.*, and with
@@ -54,6 +63,7 @@ Metrics: <site>.<target>.<column> (target = s<seed>, or untrained), pooled.<kind
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Mapping
 
@@ -61,7 +71,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from polyrot import figures, tracking
+from polyrot import figures, hf, tracking
 from polyrot.activations import extract
 from polyrot.dyck import EVAL_SPEC, SAE_SPEC
 from polyrot.errors import LineageError, ParameterError
@@ -71,6 +81,7 @@ from polyrot.rotation import Rotation, eigen_angles, fit_rotation, haar_angles, 
 from polyrot.sae import SAEConfig, SparseAutoencoder, evaluate_sae, train_sae
 from polyrot.stages.base import REQUIRED, Option, Stage, batch_options, batch_spec, non_negative, positive
 from polyrot.stages.fit_rotation import FIT_QUALITY, check_same_d_model, seed_of
+from polyrot.stages.hf_activations import is_hf_run, load_hf_activations
 from polyrot.stages.train_sae import load_trained_sae, sae_runs
 from polyrot.stages.train_seed import NAME as TRAIN_SEED
 from polyrot.stages.train_seed import CHECKPOINT, load_seed
@@ -79,6 +90,8 @@ NAME = "audit"
 # Not "null": pandas reads that back from a CSV as NaN.
 TRAINED, UNTRAINED = "trained", "untrained"
 EMBEDDING_SITE = "resid_pre_0"
+# The embedding sites of both model families (polyrot.model, polyrot.hf).
+EMBEDDING_SITES = (EMBEDDING_SITE, "layer0_resid_pre")
 # Haar reference of the pooled KS test and of figure 2: the paper's 10 draws, rng 31.
 N_HAAR, HAAR_SEED = 10, 31
 FINAL = "final"
@@ -124,10 +137,10 @@ def _null_seeds(raw: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def _saes(raw: str, flag: str, models: Mapping[str, DyckTransformer],
+def _saes(raw: str, flag: str, models: Mapping[str, int],
           checkpoint: str | None = None) -> dict[tuple[str, str], tuple[str, SparseAutoencoder]]:
     """{(model run, site): (train_sae run, SAE)} for the runs in `raw`, each an SAE on one of `models`
-    (at `checkpoint`, or their final weights)."""
+    ({model run: d_model}; at `checkpoint`, or their final weights)."""
     found = {}
     for rid in parse_run_ids(raw, flag):
         for run_id in sae_runs(rid).values():
@@ -142,7 +155,7 @@ def _saes(raw: str, flag: str, models: Mapping[str, DyckTransformer],
                 raise LineageError(f"{flag}: SAE run {run_id} was trained on "
                                    f"{cfg.model_checkpoint or 'the final weights'} of its model, the audit reads "
                                    f"{checkpoint or 'the final weights'}")
-            d_model = models[cfg.model_run_id].cfg.d_model
+            d_model = models[cfg.model_run_id]
             if cfg.d_in != d_model:
                 raise ParameterError(f"{flag}: SAE run {run_id} reads {cfg.site}, {cfg.d_in} wide; the audit rotates "
                                      f"the residual stream, so its SAEs must read d_model={d_model}-wide sites")
@@ -205,7 +218,7 @@ def _null_saes(model: DyckTransformer, sources: Mapping[str, SparseAutoencoder],
 
 
 def _pooled(rotations: list[Rotation]) -> list[Rotation]:
-    internal = [r for r in rotations if r.metadata["site"] != EMBEDDING_SITE]
+    internal = [r for r in rotations if r.metadata["site"] not in EMBEDDING_SITES]
     return internal or rotations
 
 
@@ -227,8 +240,111 @@ def separation(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _log_results(run, table: pd.DataFrame, rotations: dict[str, list[Rotation]], d_model: int, *, null: bool,
+                 checkpoints: bool) -> None:
+    """audit.csv, its metrics, the pooled statistics, summary.csv (with a null pair) and the figures."""
+    table.to_csv(run.path("audit.csv"), index=False)
+    run.log_artifact("audit.csv")
+    numeric = table.select_dtypes("number").columns
+    run.log_metrics({f"{row['site']}.{row['target']}.{column}": row[column]
+                     for row in table.to_dict("records") for column in numeric if pd.notna(row[column])})
+
+    pooled = {kind: _pooled(found) for kind, found in rotations.items() if found}
+    statistics = {kind: pooled_statistics(found, haar_seed=HAAR_SEED, n_haar=N_HAAR)
+                  for kind, found in pooled.items()}
+    run.log_metrics({f"pooled.{kind}.{k}": v for kind, stats in statistics.items() for k, v in stats.items()})
+    if null:
+        summary = separation(table)
+        summary.to_csv(run.path("summary.csv"), index=False)
+        run.log_artifact("summary.csv")
+        run.log_metrics({f"separates.{q}": float(s) for q, s in zip(summary["quantity"], summary["separates"])})
+
+    run.log_figure("fig1_ev_by_site.png", figures.ev_by_site(table[table["kind"] == TRAINED]))
+    if checkpoints:
+        run.log_figure("fig_cross_checkpoint.png", figures.checkpoint_curve(table[table["kind"] == TRAINED]))
+    angles = {kind: np.concatenate([eigen_angles(r.R) for r in found]) for kind, found in pooled.items()}
+    ks = {"statistic": statistics[TRAINED]["ks_statistic"], "pvalue": statistics[TRAINED]["ks_pvalue"]}
+    run.log_figure("fig2_eigen_angles.png", figures.eigen_angle_histogram(
+        angles[TRAINED], haar_angles(d_model, N_HAAR, HAAR_SEED), ks, angles.get(UNTRAINED)))
+
+
+def decoder_pairs(saes: Mapping[str, Mapping[str, SparseAutoencoder]]) -> pd.DataFrame:
+    """Decoder cosine over every pair of models at every site ({site: {label: SAE}}), each in its
+    own basis: of b's features, the fraction whose best cosine to a's exceeds 0.5 (the paper's
+    all-36-pairs number for Pythia) and the mean best cosine."""
+    rows = []
+    for site, by_label in saes.items():
+        for a, b in itertools.combinations(by_label, 2):
+            cosine = decoder_cosine(by_label[a].W_dec.detach(), by_label[b].W_dec.detach())
+            rows.append({"site": site, "model_a": a, "model_b": b,
+                         **{f"decoder_{key}": cosine[key] for key in DECODER_KEYS}})
+    return pd.DataFrame(rows)
+
+
+def _run_hf(params: dict) -> str:
+    """The audit on stored hf_activations runs: the rows, rotations and figures of `run`, no null pair."""
+    source = params["source"]
+    refused = [o for o in ("null", "null_sae_steps", "checkpoint", "target_checkpoints") if params[o]]
+    if refused:
+        raise ParameterError(f"--{refused[0].replace('_', '-')} applies to train_seed runs; with hf_activations runs "
+                             "audit another revision by giving its activations run as a target")
+    if batch_spec(params) != EVAL_SPEC:
+        raise ParameterError("--batch-* describe a Dyck batch; hf_activations runs bring their own rows")
+    acts_src, info = load_hf_activations(source)
+    found = _saes(params["saes"], "--saes", {source: info["d_model"]})
+    saes = {site: found[source, site] for site in hf.site_names(info["n_layers"]) if (source, site) in found}
+    targets = {}
+    for rid in parse_run_ids(params["targets"], "--targets"):
+        acts, target_info = load_hf_activations(rid)
+        if target_info["tokens_sha256"] != info["tokens_sha256"]:
+            raise ParameterError(f"target run {rid} ran on other tokens than source run {source}: the audit compares "
+                                 "them row by row, so both need one corpus, tokenizer, seed and sample size")
+        if target_info["d_model"] != info["d_model"]:
+            raise ParameterError(f"source run {source} has d_model {info['d_model']} but target run {rid} has "
+                                 f"{target_info['d_model']}: no rotation maps one residual stream onto the other")
+        missing = [site for site in saes if site not in acts]
+        if missing:
+            raise ParameterError(f"target run {rid} has no site {missing[0]!r}; it has: {', '.join(acts)}")
+        targets[rid] = (target_info["label"], acts)
+    counts = Counter(label for label, _ in targets.values())
+    labels = {rid: label if counts[label] == 1 else f"{label}-{rid[:8]}" for rid, (label, _) in targets.items()}
+    target_saes = _saes(params["target_saes"], "--target-saes", {rid: info["d_model"] for rid in targets}) \
+        if params["target_saes"] else {}
+    if params["threads"]:
+        torch.set_num_threads(params["threads"])
+
+    with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
+                            upstream={"source": source, **{f"target.{labels[rid]}": rid for rid in targets}},
+                            parent_run_id=params["parent_run"], run_name=f"audit-{info['label']}",
+                            tags={"polyrot.source_seed": info["label"]}) as run:
+        rows, rotations = [], {TRAINED: []}
+        for rid, (_, acts_tgt) in targets.items():
+            for site, (sae_run, sae) in saes.items():
+                target_sae_run, target_sae = target_saes.get((rid, site), (None, None))
+                rotation = fit_rotation(acts_src[site], acts_tgt[site], metadata={"site": site})
+                rotations[TRAINED].append(rotation)
+                rows.append({"site": site, "kind": TRAINED, "target": labels[rid], "source_run": source,
+                             "target_run": rid, "source_seed": info["label"], "target_seed": targets[rid][0],
+                             "sae_run": sae_run, "target_sae_run": target_sae_run,
+                             **transfer_row(sae, acts_src[site], acts_tgt[site], rotation,
+                                            gaussian_seed=params["gaussian_seed"], target_sae=target_sae)})
+        _log_results(run, pd.DataFrame(rows), rotations, info["d_model"], null=False, checkpoints=False)
+        if target_saes:
+            by_site = {site: {info["label"]: sae, **{labels[rid]: target_saes[rid, site][1] for rid in targets
+                                                       if (rid, site) in target_saes}}
+                       for site, (_, sae) in saes.items()}
+            pairs = decoder_pairs(by_site)
+            pairs.to_csv(run.path("decoder_pairs.csv"), index=False)
+            run.log_artifact("decoder_pairs.csv")
+            run.log_metrics({f"{site}.all_pairs.decoder_max_frac_above": group["decoder_max_frac_above"].mean()
+                             for site, group in pairs.groupby("site")})
+        return run.run_id
+
+
 def run(params: dict) -> str:
     source = params["source"]
+    if is_hf_run(source):
+        return _run_hf(params)
     spec = batch_spec(params)
     null_seeds = _null_seeds(params["null"]) if params["null"] else None
     if params["null_sae_steps"] and not null_seeds:
@@ -237,7 +353,7 @@ def run(params: dict) -> str:
     source_seed = seed_of(tracking.fetch_run(source, TRAIN_SEED))
     checkpoint = params["checkpoint"]
     source_model = load_seed(source, checkpoint)
-    found = _saes(params["saes"], "--saes", {source: source_model}, checkpoint)
+    found = _saes(params["saes"], "--saes", {source: source_model.cfg.d_model}, checkpoint)
     saes = {site: found[source, site] for site in site_names(source_model.cfg) if (source, site) in found}
     target_runs = parse_run_ids(params["targets"], "--targets")
     checkpoints = parse_checkpoints(params["target_checkpoints"]) if params["target_checkpoints"] else None
@@ -251,7 +367,8 @@ def run(params: dict) -> str:
                                      for rid in target_runs for ckpt in checkpoints]
     for _, rid, _, model in targets:
         check_same_d_model(source, source_model, rid, model)
-    target_saes = (_saes(params["target_saes"], "--target-saes", {rid: m for _, rid, _, m in targets}, checkpoint)
+    target_saes = (_saes(params["target_saes"], "--target-saes", {rid: m.cfg.d_model for _, rid, _, m in targets},
+                         checkpoint)
                    if params["target_saes"] else {})
     if params["threads"]:
         torch.set_num_threads(params["threads"])
@@ -290,30 +407,8 @@ def run(params: dict) -> str:
                              "target_seed": str(null_seeds[1]),
                              **transfer_row(null_saes[site], null_src[site], null_tgt[site], rotation,
                                             gaussian_seed=params["gaussian_seed"])})
-        table = pd.DataFrame(rows)
-        table.to_csv(run.path("audit.csv"), index=False)
-        run.log_artifact("audit.csv")
-        numeric = table.select_dtypes("number").columns
-        run.log_metrics({f"{row['site']}.{row['target']}.{column}": row[column]
-                         for row in table.to_dict("records") for column in numeric if pd.notna(row[column])})
-
-        pooled = {kind: _pooled(found) for kind, found in rotations.items() if found}
-        statistics = {kind: pooled_statistics(found, haar_seed=HAAR_SEED, n_haar=N_HAAR)
-                      for kind, found in pooled.items()}
-        run.log_metrics({f"pooled.{kind}.{k}": v for kind, stats in statistics.items() for k, v in stats.items()})
-        if null_seeds:
-            summary = separation(table)
-            summary.to_csv(run.path("summary.csv"), index=False)
-            run.log_artifact("summary.csv")
-            run.log_metrics({f"separates.{q}": float(s) for q, s in zip(summary["quantity"], summary["separates"])})
-
-        run.log_figure("fig1_ev_by_site.png", figures.ev_by_site(table[table["kind"] == TRAINED]))
-        if checkpoints:
-            run.log_figure("fig_cross_checkpoint.png", figures.checkpoint_curve(table[table["kind"] == TRAINED]))
-        angles = {kind: np.concatenate([eigen_angles(r.R) for r in found]) for kind, found in pooled.items()}
-        ks = {"statistic": statistics[TRAINED]["ks_statistic"], "pvalue": statistics[TRAINED]["ks_pvalue"]}
-        run.log_figure("fig2_eigen_angles.png", figures.eigen_angle_histogram(
-            angles[TRAINED], haar_angles(source_model.cfg.d_model, N_HAAR, HAAR_SEED), ks, angles.get(UNTRAINED)))
+        _log_results(run, pd.DataFrame(rows), rotations, source_model.cfg.d_model, null=bool(null_seeds),
+                     checkpoints=bool(checkpoints))
         return run.run_id
 
 

@@ -13,6 +13,10 @@ the site's registered model; pooled.* (KS and mean cos over every site's eigen-a
 Registry: a version of `polyrot.<experiment>.<site>` per site, alias s<source seed>-to-s<target
 seed> (see polyrot.registry); tags polyrot.registered.<site> = models:/<name>/<version>.
 
+Source and target may also be hf_activations runs (Hugging Face models, polyrot.hf) on one token
+sample: R is then fit on their stored activations, sites default to every stored site and the
+alias to s<source label>-to-s<target label>.
+
 Source and target may be the same run: R is then the identity on the activations' span, the run
 is tagged polyrot.self_pair=true and a warning says so.
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 
-from polyrot import registry, tracking
+from polyrot import hf, registry, tracking
 from polyrot.activations import extract
 from polyrot.dyck import EVAL_SPEC
 from polyrot.errors import ParameterError, UnknownSiteError
@@ -29,6 +33,7 @@ from polyrot.model import residual_sites
 from polyrot.rotation import fit_rotation, pooled_statistics, rotation_statistics
 from polyrot.stages.activations import parse_sites
 from polyrot.stages.base import REQUIRED, Option, Stage, batch_options, batch_spec
+from polyrot.stages.hf_activations import is_hf_run, load_hf_activations
 from polyrot.stages.train_seed import NAME as TRAIN_SEED
 from polyrot.stages.train_seed import load_seed
 
@@ -82,6 +87,8 @@ def check_same_d_model(source: str, source_model, target: str, target_model) -> 
 
 def run(params: dict) -> str:
     source, target = params["source"], params["target"]
+    if is_hf_run(source):
+        return _run_hf(params)
     spec = batch_spec(params)
     # Everything that can be refused is checked before a run exists, so bad input leaves no run.
     seeds = {role: seed_of(tracking.fetch_run(rid, TRAIN_SEED))
@@ -101,19 +108,26 @@ def run(params: dict) -> str:
         warnings.warn(f"source and target are the same run {source}: each rotation is the identity on the "
                       "activations' span; the run is tagged polyrot.self_pair=true", stacklevel=2)
 
+    return _fit_and_register(params, seeds, alias, sites, acts_src, acts_tgt, spec.as_params())
+
+
+def _fit_and_register(params: dict, seeds: dict[str, str], alias: str, sites: list[str], acts_src: dict,
+                      acts_tgt: dict, extra: dict) -> str:
+    """The run: one rotation per site, logged and registered; `extra` goes into params and metadata."""
+    source, target = params["source"], params["target"]
     with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
                             upstream={"source": source, "target": target}, parent_run_id=params["parent_run"],
                             run_name=f"rotation-{alias}",
-                            tags={TAG_SELF_PAIR: str(self_pair).lower(), registry.TAG_SOURCE_SEED: seeds["source"],
+                            tags={TAG_SELF_PAIR: str(source == target).lower(), registry.TAG_SOURCE_SEED: seeds["source"],
                                   registry.TAG_TARGET_SEED: seeds["target"]}) as run:
-        run.log_params(spec.as_params())
+        run.log_params(extra)
         # Under `mlflow run` the adopted run's experiment, not --experiment, is where the run lives.
         experiment = run.client.get_experiment(run.client.get_run(run.run_id).info.experiment_id).name
         rotations = []
         for site in sites:
             rotation = fit_rotation(acts_src[site], acts_tgt[site], metadata={
                 "site": site, "source_run": source, "target_run": target, "source_seed": seeds["source"],
-                "target_seed": seeds["target"], **spec.as_params()})
+                "target_seed": seeds["target"], **extra})
             rotation.save(run.path(f"rotations/{site}.safetensors"))
             run.log_artifact(f"rotations/{site}.safetensors")
             statistics = {**rotation_statistics(rotation), **{k: rotation.metadata[k] for k in FIT_QUALITY}}
@@ -123,6 +137,34 @@ def run(params: dict) -> str:
             rotations.append(rotation)
         run.log_metrics({f"pooled.{k}": v for k, v in pooled_statistics(rotations).items()})
         return run.run_id
+
+
+def _run_hf(params: dict) -> str:
+    """Rotations between two hf_activations runs' stored activations (one token sample, checked by digest)."""
+    source, target = params["source"], params["target"]
+    if batch_spec(params) != EVAL_SPEC:
+        raise ParameterError("--batch-* describe a Dyck batch; hf_activations runs bring their own rows")
+    acts_src, info_src = load_hf_activations(source)
+    acts_tgt, info_tgt = (acts_src, info_src) if source == target else load_hf_activations(target)
+    if info_src["d_model"] != info_tgt["d_model"]:
+        raise ParameterError(f"source run {source} has d_model {info_src['d_model']} but target run {target} has "
+                             f"{info_tgt['d_model']}: no rotation maps one residual stream onto the other")
+    if info_src["tokens_sha256"] != info_tgt["tokens_sha256"]:
+        raise ParameterError(f"target run {target} ran on other tokens than source run {source}: Procrustes pairs "
+                             "rows, so both need one corpus, tokenizer, seed and sample size")
+    names = params["sites"].split(",") if params["sites"] else list(acts_src)
+    sites = hf.parse_sites(names, info_src["n_layers"])
+    missing = [(run, site) for run, acts in ((source, acts_src), (target, acts_tgt)) for site in sites
+               if site not in acts]
+    if missing:
+        raise ParameterError(f"run {missing[0][0]} has no site {missing[0][1]!r}")
+    seeds = {"source": info_src["label"], "target": info_tgt["label"]}
+    alias = registry.check_alias(params["alias"] or registry.pair_alias(seeds["source"], seeds["target"]))
+    if source == target:
+        warnings.warn(f"source and target are the same run {source}: each rotation is the identity on the "
+                      "activations' span; the run is tagged polyrot.self_pair=true", stacklevel=2)
+    return _fit_and_register(params, seeds, alias, sites, acts_src, acts_tgt,
+                             {"tokens_sha256": info_src["tokens_sha256"]})
 
 
 STAGE = Stage(NAME, "Fit, log and register the rotation between two seeds' residual streams at each site.",

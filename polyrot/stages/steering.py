@@ -11,8 +11,21 @@ targeted rows) is measured:
   rotated_effect    on each target model, the vector mapped into the target's frame by the rotation
                     target -> source (rotate_vector); fit here on the batch's activations, or with
                     --use-registry the newest registered rotation of the pair (registry.find_rotation)
+  target_control_effect  on each target model, the source's random control direction: how much
+                    of a cross-seed effect any direction of that norm would have had (a raw effect
+                    near it transfers nothing specific to the vector)
   raw_ratio, ...    cross / within (NaN when within is negligible) and the regime label, both as
                     defined in polyrot.steering
+
+Hugging Face models (--source and --targets hf_activations runs, polyrot.hf): the paper's Pythia
+panel. The vectors are diffs of means over the contrastive sentence sets of --sentences (default
+projects/steering/pythia.yaml: sentiment, name, magnitude) on the source model at a block output
+(--site; its Dyck default stands for the middle block, layer3 of Pythia-70m), added to that block's
+output at every position; the effect is the mean KL(clean || steered) of the next-token
+distributions over the first --eval-sequences sequences of the source's sample (the paper: 64),
+and the rotation is fit on the runs' stored activations at the site. The models are loaded as
+their hf_activations runs loaded them. The paper's transfer ratio is raw_ratio averaged over the
+targets.
 
 Artifacts:
   steering.csv            one row per vector x alpha x target
@@ -25,23 +38,30 @@ Metrics: <vector>.alpha<a>.{within,control}_effect and <vector>.alpha<a>.<target
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from polyrot import registry, steering, steering_figures, tracking
+from polyrot import hf, registry, steering, steering_figures, tracking
 from polyrot.activations import condition_rows, extract
 from polyrot.dyck import EVAL_SPEC
 from polyrot.errors import ParameterError
 from polyrot.model import residual_sites, resolve_site
 from polyrot.rotation import fit_rotation
 from polyrot.stages.audit import parse_run_ids, seed_labels
-from polyrot.stages.base import REQUIRED, Option, Stage, batch_options, batch_spec, non_negative
+from polyrot.stages.base import REQUIRED, Option, Stage, batch_options, batch_spec, non_negative, positive
 from polyrot.stages.fit_rotation import check_same_d_model, seed_of
+from polyrot.stages.hf_activations import is_hf_run, load_hf_activations, load_hf_model, load_hf_tokens
 from polyrot.stages.train_seed import NAME as TRAIN_SEED
 from polyrot.stages.train_seed import load_seed
 
 NAME = "steering"
+# Hugging Face models (NUMBERS.md §6g): the paper's contrastive sets and 64 evaluation sequences.
+HF_SENTENCES = Path(__file__).resolve().parents[2] / "projects" / "steering" / "pythia.yaml"
+HF_EVAL_SEQUENCES = 64
+HF_EFFECT = "next-token KL"
 # The paper's doses.
 DEFAULT_ALPHAS = "0.5,1,2,4"
 
@@ -53,6 +73,10 @@ OPTIONS = (
     Option("use_registry", bool, False, "rotate with the registered rotation of each pair instead of fitting "
            "one on the batch"),
     Option("control_seed", int, 0, "seed of the random control directions"),
+    Option("sentences", str, None, "hf_activations runs: YAML of contrastive sentence sets; default "
+           "projects/steering/pythia.yaml"),
+    Option("eval_sequences", int, None, "hf_activations runs: sequences of the source's sample the effect is "
+           f"measured on; default {HF_EVAL_SEQUENCES}", check=positive),
     *batch_options(EVAL_SPEC),
     Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative),
 )
@@ -79,8 +103,105 @@ def residual_site(name: str, cfg) -> str:
     return site
 
 
+def _effect_rows(name: str, head: str, alpha: float, within: float, control: float, n_targeted: int,
+                 cross: dict[str, tuple[str, float, float, float]]) -> list[dict]:
+    """One steering.csv row per target: cross = {target run: (label, raw effect, rotated effect,
+    the same random control's effect on the target)}."""
+    return [{"vector": name, "head": head, "alpha": alpha, "target": label, "target_run": rid,
+             "n_targeted": n_targeted, "within_effect": within, "control_effect": control, "raw_effect": raw,
+             "rotated_effect": rotated, "target_control_effect": target_control,
+             "within_negligible": abs(within) < steering.NEGLIGIBLE,
+             "raw_ratio": steering.transfer_ratio(raw, within), "rotated_ratio": steering.transfer_ratio(rotated, within),
+             "raw_regime": steering.regime(raw, within), "rotated_regime": steering.regime(rotated, within)}
+            for rid, (label, raw, rotated, target_control) in cross.items()]
+
+
+def _log_table(run, rows: list[dict], title: str) -> None:
+    """steering.csv, its metrics and figure 4."""
+    table = pd.DataFrame(rows)
+    table.to_csv(run.path("steering.csv"), index=False)
+    run.log_artifact("steering.csv")
+    metrics = {}
+    for row in table.to_dict("records"):
+        prefix = f"{row['vector']}.alpha{row['alpha']:g}"
+        metrics[f"{prefix}.within_effect"] = row["within_effect"]
+        metrics[f"{prefix}.control_effect"] = row["control_effect"]
+        for column in ("raw_effect", "rotated_effect", "target_control_effect", "raw_ratio", "rotated_ratio"):
+            if pd.notna(row[column]):
+                metrics[f"{prefix}.{row['target']}.{column}"] = row[column]
+    run.log_metrics(metrics)
+    run.log_figure("fig4_steering.png", steering_figures.effect_vs_alpha(table, title=title))
+
+
+def _run_hf(params: dict) -> str:
+    """Steering on Hugging Face models (the paper's Pythia panel): vectors from contrastive sentence sets on
+    the source model at a block output, effect = KL(clean || steered) on the source's sample."""
+    source = params["source"]
+    alphas = parse_alphas(params["alphas"])
+    if params["use_registry"]:
+        raise ParameterError("--use-registry reads rotations of train_seed pairs; with hf_activations runs the "
+                             "rotation is fit on their stored activations")
+    if batch_spec(params) != EVAL_SPEC:
+        raise ParameterError("--batch-* describe a Dyck batch; hf_activations runs bring their own sample")
+    # Everything that can be refused is checked before a run exists, so bad input leaves no run.
+    acts_src, info = load_hf_activations(source)
+    # The Dyck default stands for the middle block's output (layer3 of Pythia-70m, the paper's site).
+    site = (f"layer{info['n_layers'] // 2}_resid_post" if params["site"] == "resid_mid_1"
+            else hf.resolve_site(params["site"], info["n_layers"]))
+    hf.block_of(site)
+    if site not in acts_src:
+        raise ParameterError(f"activations run {source} has no site {site!r}; it has: {', '.join(acts_src)}")
+    sets = hf.load_sentence_sets(params["sentences"] or HF_SENTENCES)
+    targets = {}
+    for rid in parse_run_ids(params["targets"], "--targets"):
+        acts, target_info = load_hf_activations(rid)
+        if target_info["tokens_sha256"] != info["tokens_sha256"] or site not in acts:
+            raise ParameterError(f"target run {rid} does not hold {site} on the source's tokens: the rotation is fit "
+                                 "row by row, so both need one corpus sample and the site")
+        targets[rid] = (target_info["label"], acts[site])
+    tokens = load_hf_tokens(source)[:params["eval_sequences"] or HF_EVAL_SEQUENCES]
+    if params["threads"]:
+        torch.set_num_threads(params["threads"])
+    source_model, tokenizer = load_hf_model(source)
+    models = {rid: load_hf_model(rid)[0] for rid in targets}
+
+    with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
+                            upstream={"source": source, **{f"target.{label}": rid for rid, (label, _) in targets.items()}},
+                            parent_run_id=params["parent_run"], run_name=f"steering-{info['label']}",
+                            tags={"polyrot.source_seed": info["label"]}) as run:
+        run.log_params({"resolved_site": site, "n_eval_sequences": len(tokens)})
+        vectors = {name: hf.steering_vector(source_model, tokenizer, spec, site) for name, spec in sets.items()}
+        save_file({name: v.contiguous() for name, v in vectors.items()}, run.path("vectors.safetensors"),
+                  metadata={"site": site, "source_run": source,
+                            **{f"{name}.definition": f"mean({spec['reduce']} of positive) - mean({spec['reduce']} "
+                               "of negative)" for name, spec in sets.items()}})
+        run.log_artifact("vectors.safetensors")
+        rotations = {rid: fit_rotation(acts_src[site], acts, metadata={"site": site})
+                     for rid, (_, acts) in targets.items()}
+        run.log_metrics({f"{targets[rid][0]}.rotation_ev": r.metadata["rotation_ev"] for rid, r in rotations.items()})
+        rows = []
+        for name, vector in vectors.items():
+            control = steering.random_control(vector, params["control_seed"])
+            for alpha in alphas:
+                within = hf.steering_kl(source_model, tokens, site, vector, alpha)
+                cross = {rid: (label, hf.steering_kl(models[rid], tokens, site, vector, alpha),
+                               hf.steering_kl(models[rid], tokens, site, rotations[rid].rotate_vector(vector), alpha),
+                               hf.steering_kl(models[rid], tokens, site, control, alpha))
+                         for rid, (label, _) in targets.items()}
+                rows += _effect_rows(name, HF_EFFECT, alpha, within, hf.steering_kl(source_model, tokens, site,
+                                                                                    control, alpha),
+                                     tokens.numel(), cross)
+        _log_table(run, rows, f"Steering at {site}: vectors of {info['label']} (effect: KL(clean || steered))")
+        return run.run_id
+
+
 def run(params: dict) -> str:
     source = params["source"]
+    if is_hf_run(source):
+        return _run_hf(params)
+    if params["sentences"] or params["eval_sequences"]:
+        raise ParameterError("--sentences and --eval-sequences apply to hf_activations runs; the toy vectors are "
+                             "built from the batch")
     spec = batch_spec(params)
     alphas = parse_alphas(params["alphas"])
     # Everything that can be refused is checked before a run exists, so bad input leaves no run.
@@ -127,34 +248,15 @@ def run(params: dict) -> str:
             for alpha in alphas:
                 within = measure(source, source_model, vector.direction, alpha, vector)
                 control_effect = measure(source, source_model, control, alpha, vector)
-                for rid, model in targets.items():
-                    raw = measure(rid, model, vector.direction, alpha, vector)
-                    rotated = measure(rid, model, rotations[rid].rotate_vector(vector.direction), alpha, vector)
-                    rows.append({
-                        "vector": name, "head": vector.head, "alpha": alpha, "target": labels[rid],
-                        "target_run": rid, "n_targeted": int(vector.targets.sum()), "within_effect": within,
-                        "control_effect": control_effect, "raw_effect": raw, "rotated_effect": rotated,
-                        "within_negligible": abs(within) < steering.NEGLIGIBLE,
-                        "raw_ratio": steering.transfer_ratio(raw, within),
-                        "rotated_ratio": steering.transfer_ratio(rotated, within),
-                        "raw_regime": steering.regime(raw, within), "rotated_regime": steering.regime(rotated, within),
-                    })
-        table = pd.DataFrame(rows)
-        table.to_csv(run.path("steering.csv"), index=False)
-        run.log_artifact("steering.csv")
-        metrics = {}
-        for row in table.to_dict("records"):
-            prefix = f"{row['vector']}.alpha{row['alpha']:g}"
-            metrics[f"{prefix}.within_effect"] = row["within_effect"]
-            metrics[f"{prefix}.control_effect"] = row["control_effect"]
-            for column in ("raw_effect", "rotated_effect", "raw_ratio", "rotated_ratio"):
-                if pd.notna(row[column]):
-                    metrics[f"{prefix}.{row['target']}.{column}"] = row[column]
-        run.log_metrics(metrics)
-        run.log_figure("fig4_steering.png", steering_figures.effect_vs_alpha(
-            table, title=f"Steering at {site}: vectors of seed {source_seed}"))
+                cross = {rid: (labels[rid], measure(rid, model, vector.direction, alpha, vector),
+                               measure(rid, model, rotations[rid].rotate_vector(vector.direction), alpha, vector),
+                               measure(rid, model, control, alpha, vector))
+                         for rid, model in targets.items()}
+                rows += _effect_rows(name, vector.head, alpha, within, control_effect, int(vector.targets.sum()),
+                                     cross)
+        _log_table(run, rows, f"Steering at {site}: vectors of seed {source_seed}")
         return run.run_id
 
 
 STAGE = Stage(NAME, "Build the toy steering vectors on a source seed and measure how they transfer, raw and rotated.",
-              OPTIONS, run, code_version="1")
+              OPTIONS, run, code_version="2")

@@ -5,6 +5,10 @@ paper's 4096 training sequences) or from `--activations-run` (that run's stored 
 model run is the upstream model). Held-out metrics always use the `--heldout-*` spec (default the
 paper's 1024-sequence evaluation batch) extracted from the same model.
 
+`--activations-run` may also be an hf_activations run (a Hugging Face model's residual sites,
+polyrot.hf): its run ID then stands for the model in cfg.json's model_run_id (the audit matches
+SAEs to its source by it), and there are no heldout.* metrics, since no batch can be extracted.
+
 A transcoder for layer L (`--kind transcoder --layer L`, or a site ln2_out_L / mlp_out_L) reads
 the MLP's normalised input ln2_out_L and predicts its output mlp_out_L; cfg.json's `site` is the
 input site and the run's `target_site` param names the output.
@@ -30,7 +34,7 @@ import re
 
 import torch
 
-from polyrot import tracking
+from polyrot import hf, tracking
 from polyrot.activations import extract
 from polyrot.dyck import EVAL_SPEC, SAE_SPEC
 from polyrot.errors import ParameterError, WrongStageError
@@ -48,6 +52,7 @@ from polyrot.sae import (
 )
 from polyrot.stages.activations import load_activations, parse_sites
 from polyrot.stages.base import Option, Stage, batch_options, batch_spec, non_negative, positive
+from polyrot.stages.hf_activations import is_hf_run, load_hf_activations
 from polyrot.stages.train_seed import CHECKPOINT, load_seed
 
 NAME = "train_sae"
@@ -104,11 +109,8 @@ def _site_pairs(params: dict, cfg: ModelConfig) -> list[tuple[str, str | None]]:
     return [(f"ln2_out_{layer}", f"mlp_out_{layer}") for layer in dict.fromkeys(layers)]
 
 
-def run(params: dict) -> str:
-    if bool(params["model_run"]) == bool(params["activations_run"]):
-        raise ParameterError("give exactly one of --model-run and --activations-run")
-    spec, heldout = batch_spec(params), batch_spec(params, "heldout")
-    # Everything that can be refused is checked before a run exists, so bad input leaves no run.
+def _prepare_dyck(params: dict, spec, heldout):
+    """(data, held-out data, site pairs, configs, upstream, extra params) for a Dyck model's activations."""
     if params["activations_run"]:
         if spec != SAE_SPEC:
             raise ParameterError("--batch-* describe data extracted from --model-run; "
@@ -126,11 +128,7 @@ def run(params: dict) -> str:
         if missing:
             raise ParameterError(f"activations run {params['activations_run']} has no site {missing[0]!r}; "
                                  f"it has: {', '.join(stored)}")
-    configs = [SAEConfig(d_in=model.cfg.d_model, expansion=params["expansion"], l1=params["l1"], lr=params["lr"],
-                         batch_size=params["batch_size"], steps=params["steps"], seed=params["sae_seed"],
-                         kind=params["kind"], site=site, model_run_id=model_run, eval_every=params["eval_every"],
-                         model_checkpoint=params["checkpoint"])
-               for site, _ in pairs]
+    configs = _configs(params, pairs, model.cfg.d_model, model_run)
 
     if params["threads"]:
         torch.set_num_threads(params["threads"])
@@ -140,7 +138,48 @@ def run(params: dict) -> str:
     if params["activations_run"]:
         upstream["activations"] = params["activations_run"]
     # The data's spec: with --activations-run, that run's, whatever the --batch-* defaults say.
-    extra = {**spec.as_params(), **heldout.as_params("heldout")}
+    return data, held, pairs, configs, upstream, {**spec.as_params(), **heldout.as_params("heldout")}
+
+
+def _prepare_hf(params: dict, spec, heldout):
+    """The same for an hf_activations run: the SAE's "model" is that run (its model at one revision on
+    one corpus sample), and there is no held-out batch to extract, so no heldout.* metrics."""
+    run_id = params["activations_run"]
+    if spec != SAE_SPEC or heldout != EVAL_SPEC or params["checkpoint"]:
+        raise ParameterError("--batch-*, --heldout-* and --checkpoint describe a Dyck model; "
+                             "an hf_activations run brings its own data")
+    if params["kind"] != "sae" or params["layer"] is not None:
+        raise ParameterError("hf_activations runs hold residual sites only: train an SAE (--site / --sites)")
+    stored, info = load_hf_activations(run_id)
+    given = [o for o in ("site", "sites") if params[o] is not None]
+    if len(given) != 1:
+        raise ParameterError("give exactly one of --site and --sites")
+    sites = hf.parse_sites((params["site"] or params["sites"]).split(","), info["n_layers"])
+    missing = [s for s in sites if s not in stored]
+    if missing:
+        raise ParameterError(f"activations run {run_id} has no site {missing[0]!r}; it has: {', '.join(stored)}")
+    pairs = [(s, None) for s in sites]
+    if params["threads"]:
+        torch.set_num_threads(params["threads"])
+    upstream = {"activations": run_id}
+    return stored, None, pairs, _configs(params, pairs, info["d_model"], run_id), upstream, {}
+
+
+def _configs(params: dict, pairs, d_in: int, model_run: str) -> list[SAEConfig]:
+    return [SAEConfig(d_in=d_in, expansion=params["expansion"], l1=params["l1"], lr=params["lr"],
+                      batch_size=params["batch_size"], steps=params["steps"], seed=params["sae_seed"],
+                      kind=params["kind"], site=site, model_run_id=model_run, eval_every=params["eval_every"],
+                      model_checkpoint=params["checkpoint"])
+            for site, _ in pairs]
+
+
+def run(params: dict) -> str:
+    if bool(params["model_run"]) == bool(params["activations_run"]):
+        raise ParameterError("give exactly one of --model-run and --activations-run")
+    spec, heldout = batch_spec(params), batch_spec(params, "heldout")
+    # Everything that can be refused is checked before a run exists, so bad input leaves no run.
+    prepare = _prepare_hf if params["activations_run"] and is_hf_run(params["activations_run"]) else _prepare_dyck
+    data, held, pairs, configs, upstream, extra = prepare(params, spec, heldout)
 
     def train_one(cfg: SAEConfig, target_site: str | None, run_params: dict, adopt: bool = True) -> tuple[str, dict]:
         with tracking.stage_run(NAME, run_params, code_version=STAGE.code_version, experiment=run_params["experiment"],
@@ -152,9 +191,10 @@ def run(params: dict) -> str:
             target = data[target_site] if target_site else None
             sae, history = train_sae(data[cfg.site], cfg, target,
                                      eval_fn=lambda r: run.log_metrics({k: r[k] for k in METRICS}, r["step"]))
-            heldout_metrics = evaluate_sae(sae, held[cfg.site], held[target_site] if target_site else None)
-            final = {**{f"final.{k}": history[-1][k] for k in METRICS},
-                     **{f"heldout.{k}": heldout_metrics[k] for k in METRICS if k != "loss"}}
+            final = {f"final.{k}": history[-1][k] for k in METRICS}
+            if held is not None:
+                heldout_metrics = evaluate_sae(sae, held[cfg.site], held[target_site] if target_site else None)
+                final.update({f"heldout.{k}": heldout_metrics[k] for k in METRICS if k != "loss"})
             run.log_metrics(final, cfg.steps)
             save_sae(sae, run.staging)
             run.log_artifact(WEIGHTS_FILE)

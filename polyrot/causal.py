@@ -1,0 +1,199 @@
+"""Causal bars C and Pr: mean ablation of the 10 components, and what predicts its effect.
+
+Components (paper §7): each attention head's contribution to the residual stream and each MLP's
+output, in forward order: attn_0_h0..h3, mlp_0, attn_1_h0..h3, mlp_1. They are the model's
+`head_out_L_H` and `mlp_out_L` sites.
+
+Measured effect of a component: replace its contribution at every position with its dataset mean
+(over the non-PAD positions of a separate means batch) and take the change of the training loss,
+the sum over the three heads of the masked mean cross-entropy (train.loss_fn).
+
+Predicted effect, for a scalar loss L of one activation a with baseline b (here: a component with
+the rest of the model downstream recomputed):
+
+    AP  attribution patching   <dL/da (a), b - a>
+    IG  integrated gradients   <b - a, (1/n) sum_{k=1..n} dL/da (a_k)>,  a_k = (k/n) a + (1 - k/n) b
+
+IG with n = 1 is AP. By completeness IG tends to L(b) - L(a), the measured effect, as n grows, so
+IG tracks mean ablation while AP, a first-order guess near a converged minimum, need not (§3.3).
+`attribution_patching` and `integrated_gradients` take any `loss_of(activation) -> scalar`, so
+they serve other models (Hugging Face blocks) as they are.
+
+Bars: C is the Pearson r of predicted against measured effects on one means / evaluation batch
+pair (C_MEANS, C_EVAL), Pr the same r on another (PR_MEANS, PR_EVAL); cross-seed, the reference's
+IG predicts the effects measured on an aligned replication (CROSS_MEANS, CROSS_EVAL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import fields
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+import torch
+from tqdm.auto import tqdm
+
+from polyrot.dyck import Batch, BatchSpec
+from polyrot.errors import ParameterError
+from polyrot.model import DyckTransformer, ModelConfig
+from polyrot.train import loss_fn
+
+# The paper's batches (NUMBERS.md §4): means over 4096 (C), 2048 (Pr) and 1024 (cross-seed)
+# sequences, evaluation on 256 sequences, all of content length 2–48; rng 7 for C, 11 for Pr.
+C_MEANS = BatchSpec("bar_c.means", seed=0, n_sequences=4096)
+C_EVAL = BatchSpec("bar_c.eval", seed=7, n_sequences=256)
+PR_MEANS = BatchSpec("bar_pr.means", seed=0, n_sequences=2048)
+PR_EVAL = BatchSpec("bar_pr.eval", seed=11, n_sequences=256)
+CROSS_MEANS = BatchSpec("cross.means", seed=0, n_sequences=1024)
+CROSS_EVAL = C_EVAL
+# Lens 3's batches (ACDC): means over 2048 sequences, effects on a 256-sequence batch of rng 42.
+LENS_MEANS = PR_MEANS
+LENS_EVAL = BatchSpec("lens3.eval", seed=42, n_sequences=256)
+
+IG_STEPS = 32
+ACDC_THRESHOLD = 1e-3
+
+LossOf = Callable[[torch.Tensor], torch.Tensor]
+
+
+def components(cfg: ModelConfig) -> list[str]:
+    """The paper's component names in forward order."""
+    names = []
+    for layer in range(cfg.n_layers):
+        names += [f"attn_{layer}_h{h}" for h in range(cfg.n_heads)] + [f"mlp_{layer}"]
+    return names
+
+
+def component_site(name: str) -> str:
+    """The model site holding a component's contribution to the residual stream."""
+    kind, layer, *head = name.split("_")
+    return f"head_out_{layer}_{head[0][1:]}" if kind == "attn" else f"mlp_out_{layer}"
+
+
+def is_head(name: str) -> bool:
+    return name.startswith("attn_")
+
+
+@torch.no_grad()
+def component_means(model: DyckTransformer, batch: Batch, chunk: int = 512) -> dict[str, torch.Tensor]:
+    """Each component's mean contribution [d_model] over the non-PAD positions of `batch`."""
+    names = components(model.cfg)
+    sites = [component_site(n) for n in names]
+    sums = {s: torch.zeros(model.cfg.d_model, dtype=torch.float64) for s in sites}
+    model.eval()
+    for lo in range(0, len(batch), chunk):
+        part = batch.select(slice(lo, lo + chunk))
+        _, cache = model.run(part.tokens, sites=sites)
+        for s in sites:
+            sums[s] += cache[s][part.mask].sum(0, dtype=torch.float64)
+    count = int(batch.mask.sum())
+    return {n: (sums[s] / count).float() for n, s in zip(names, sites)}
+
+
+def clean_activations(model: DyckTransformer, batch: Batch) -> dict[str, torch.Tensor]:
+    """Each component's clean contribution [B, T, d_model] on `batch`."""
+    names = components(model.cfg)
+    with torch.no_grad():
+        _, cache = model.run(batch.tokens, sites=[component_site(n) for n in names])
+    return {n: cache[component_site(n)] for n in names}
+
+
+def component_loss_of(model: DyckTransformer, batch: Batch, component: str) -> LossOf:
+    """loss_of(a): the training loss on `batch` with `component`'s contribution set to a, every
+    other component recomputed downstream of it."""
+    site = component_site(component)
+
+    def loss_of(activation: torch.Tensor) -> torch.Tensor:
+        return loss_fn(model.run(batch.tokens, patches={site: lambda _: activation})[0], batch)
+
+    return loss_of
+
+
+def _check_steps(n_steps: int) -> None:
+    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps <= 0:
+        raise ParameterError(f"integrated gradients needs a positive number of steps, got {n_steps!r}")
+
+
+def integrated_gradients(loss_of: LossOf, clean: torch.Tensor, baseline: torch.Tensor,
+                         n_steps: int = IG_STEPS) -> float:
+    """Predicted L(baseline) - L(clean): the right Riemann sum (alpha = k/n, k = 1..n) of the
+    gradient along alpha * clean + (1 - alpha) * baseline, dotted with baseline - clean.
+
+    `baseline` broadcasts against `clean` (a [d] mean against [B, T, d] activations).
+    """
+    _check_steps(n_steps)
+    clean = clean.detach()
+    baseline = baseline.detach().to(clean.dtype).expand_as(clean)
+    grad_sum = torch.zeros_like(clean, dtype=torch.float64)
+    for k in range(1, n_steps + 1):
+        alpha = k / n_steps
+        point = (alpha * clean + (1 - alpha) * baseline).requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_of(point), point)
+        grad_sum += grad.to(torch.float64)
+    return float(((baseline - clean).to(torch.float64) * grad_sum).sum() / n_steps)
+
+
+def attribution_patching(loss_of: LossOf, clean: torch.Tensor, baseline: torch.Tensor) -> float:
+    """Predicted L(baseline) - L(clean) to first order: <dL/da at clean, baseline - clean>."""
+    return integrated_gradients(loss_of, clean, baseline, n_steps=1)
+
+
+@torch.no_grad()
+def ablation_effects(model: DyckTransformer, batch: Batch,
+                     means: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """(clean loss, {component: loss with the component mean-ablated - clean loss})."""
+    model.eval()
+    clean = float(loss_fn(model(batch.tokens), batch))
+    effects = {}
+    for name in components(model.cfg):
+        mean = means[name]
+        logits = model.run(batch.tokens, patches={component_site(name): lambda x, m=mean: m.expand_as(x)})[0]
+        effects[name] = float(loss_fn(logits, batch)) - clean
+    return clean, effects
+
+
+def trim(batch: Batch) -> Batch:
+    """`batch` without the columns that are PAD in every row. Attention is causal and PAD positions
+    are masked out of the loss, so losses and effects are unchanged; every pass gets cheaper."""
+    length = int(batch.mask.any(0).nonzero().max()) + 1
+    return Batch(**{f.name: getattr(batch, f.name)[:, :length] for f in fields(batch)})
+
+
+def effect_table(model: DyckTransformer, batch: Batch, means: Mapping[str, torch.Tensor], *,
+                 ig_steps: int = IG_STEPS, ap: bool = True, progress: bool = False) -> pd.DataFrame:
+    """One row per component: measured mean-ablation effect, its IG prediction and (with `ap`)
+    its AP prediction; the clean loss is in `table.attrs["clean_loss"]`."""
+    _check_steps(ig_steps)
+    model.eval()
+    batch = trim(batch)
+    clean_loss, measured = ablation_effects(model, batch, means)
+    clean = clean_activations(model, batch)
+    rows = []
+    for name in tqdm(components(model.cfg), desc="IG per component", disable=not progress, leave=False):
+        loss_of = component_loss_of(model, batch, name)
+        row = {"component": name, "measured": measured[name],
+               "ig": integrated_gradients(loss_of, clean[name], means[name], ig_steps)}
+        if ap:
+            row["ap"] = attribution_patching(loss_of, clean[name], means[name])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table.attrs["clean_loss"] = clean_loss
+    return table
+
+
+def pearson(predicted, measured) -> float:
+    """Pearson r; NaN when either side is constant (no linear relation to speak of)."""
+    x, y = np.asarray(predicted, dtype=np.float64), np.asarray(measured, dtype=np.float64)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(scipy.stats.pearsonr(x, y).statistic)
+
+
+def acdc_heads(effects: Mapping[str, float], threshold: float = ACDC_THRESHOLD) -> tuple[list[str], list[str]]:
+    """(kept, dropped) attention heads: a head is kept when its effective ablation loss (the
+    mean-ablation effect) exceeds `threshold`, as the paper's ACDC-style pruning does."""
+    heads = [name for name in effects if is_head(name)]
+    kept = [name for name in heads if effects[name] > threshold]
+    return kept, [name for name in heads if name not in kept]
