@@ -5,6 +5,7 @@ Figures, from whatever the experiment ran:
   fig1_ev_by_site.png           audit.csv of each audit node (SAE failure and recovery)
   fig2_rotation_vs_haar.png     the eigen-angles of every fit_rotation node's rotations at internal
                                 sites, pooled, against Haar O(d)
+  fig3_ig_vs_ap.png             effects.csv of each bars node (IG and AP against mean ablation)
   fig4_steering.png             steering.csv of each steering node
   fig_cross_checkpoint.png      audits over several checkpoints of one run
 (one file per node where an experiment has several nodes of a kind: <figure>-<node>.png)
@@ -70,6 +71,9 @@ def build_figures(exp: pipeline.Experiment, parent: Run) -> dict[str, object]:
         out["fig2_rotation_vs_haar.png"] = figures.eigen_angle_histogram(
             angles, haar_angles(rotations[0].d, N_HAAR, HAAR_SEED),
             {"statistic": stats["ks_statistic"], "pvalue": stats["ks_pvalue"]})
+    for node in by_stage.get("bars", []):
+        effects = _csv(runs[node].info.run_id, "bars", "effects.csv")
+        out[name("fig3_ig_vs_ap", node, "bars")] = figures.ig_vs_ap(effects)
     for node in by_stage.get("steering", []):
         table = _csv(runs[node].info.run_id, "steering", "steering.csv")
         out[name("fig4_steering", node, "steering")] = steering_figures.effect_vs_alpha(

@@ -51,9 +51,8 @@ from contextlib import contextmanager
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 
-from polyrot import behavioural, causal, symmetry, tracking
+from polyrot import behavioural, causal, figures, symmetry, tracking
 from polyrot.dyck import BatchSpec
 from polyrot.errors import ParameterError
 from polyrot.model import fold_rmsnorm, save_model
@@ -129,25 +128,6 @@ def timed(times: dict, key: str):
     start = time.perf_counter()
     yield
     times[key] = time.perf_counter() - start
-
-
-def ig_vs_ap_figure(effects: pd.DataFrame) -> Figure:
-    """Per model, IG and AP predictions against the measured mean-ablation effect (Bar C batch)."""
-    labels = list(dict.fromkeys(effects["model"]))
-    fig = Figure(figsize=(3.6 * len(labels), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(labels), squeeze=False)[0]
-    for ax, label in zip(axes, labels):
-        rows = effects[(effects["model"] == label) & (effects["bar"] == "bar_c")]
-        lo, hi = min(rows[["measured", "ig", "ap"]].min()), max(rows[["measured", "ig", "ap"]].max())
-        ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, linestyle="--", label="predicted = measured")
-        ax.scatter(rows["measured"], rows["ig"], color="#009E73", label="integrated gradients")
-        ax.scatter(rows["measured"], rows["ap"], color="#D55E00", marker="x", label="attribution patching")
-        ax.set_title(label)
-        ax.set_xlabel("measured mean-ablation effect (nats)")
-    axes[0].set_ylabel("predicted effect (nats)")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Component effects: IG and AP against mean ablation")
-    return fig
 
 
 def _resized(spec: BatchSpec, n: int | None) -> BatchSpec:
@@ -267,7 +247,7 @@ def run(params: dict) -> str:
         for path, table in tables.items():
             table.to_csv(run.path(path), index=False)
             run.log_artifact(path)
-        run.log_figure("fig_ig_vs_ap.png", ig_vs_ap_figure(effects))
+        run.log_figure("fig_ig_vs_ap.png", figures.ig_vs_ap(effects))
         run.log_metrics({**times, "time.total": time.perf_counter() - started})
         return run.run_id
 

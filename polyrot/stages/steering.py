@@ -62,6 +62,7 @@ NAME = "steering"
 HF_SENTENCES = Path(__file__).resolve().parents[2] / "projects" / "steering" / "pythia.yaml"
 HF_EVAL_SEQUENCES = 64
 HF_EFFECT = "next-token KL"
+HF_EFFECT_NAME, TOY_EFFECT_NAME = "KL(clean || steered)", "conditional-accuracy drop"
 # The paper's doses.
 DEFAULT_ALPHAS = "0.5,1,2,4"
 
@@ -103,11 +104,11 @@ def residual_site(name: str, cfg) -> str:
     return site
 
 
-def _effect_rows(name: str, head: str, alpha: float, within: float, control: float, n_targeted: int,
+def _effect_rows(name: str, head: str, effect: str, alpha: float, within: float, control: float, n_targeted: int,
                  cross: dict[str, tuple[str, float, float, float]]) -> list[dict]:
     """One steering.csv row per target: cross = {target run: (label, raw effect, rotated effect,
-    the same random control's effect on the target)}."""
-    return [{"vector": name, "head": head, "alpha": alpha, "target": label, "target_run": rid,
+    the same random control's effect on the target)}; `effect` names what the effects measure."""
+    return [{"vector": name, "head": head, "effect": effect, "alpha": alpha, "target": label, "target_run": rid,
              "n_targeted": n_targeted, "within_effect": within, "control_effect": control, "raw_effect": raw,
              "rotated_effect": rotated, "target_control_effect": target_control,
              "within_negligible": abs(within) < steering.NEGLIGIBLE,
@@ -188,10 +189,10 @@ def _run_hf(params: dict) -> str:
                                hf.steering_kl(models[rid], tokens, site, rotations[rid].rotate_vector(vector), alpha),
                                hf.steering_kl(models[rid], tokens, site, control, alpha))
                          for rid, (label, _) in targets.items()}
-                rows += _effect_rows(name, HF_EFFECT, alpha, within, hf.steering_kl(source_model, tokens, site,
+                rows += _effect_rows(name, HF_EFFECT, HF_EFFECT_NAME, alpha, within, hf.steering_kl(source_model, tokens, site,
                                                                                     control, alpha),
                                      tokens.numel(), cross)
-        _log_table(run, rows, f"Steering at {site}: vectors of {info['label']} (effect: KL(clean || steered))")
+        _log_table(run, rows, f"Steering at {site}: vectors of {info['label']}")
         return run.run_id
 
 
@@ -252,7 +253,7 @@ def run(params: dict) -> str:
                                measure(rid, model, rotations[rid].rotate_vector(vector.direction), alpha, vector),
                                measure(rid, model, control, alpha, vector))
                          for rid, model in targets.items()}
-                rows += _effect_rows(name, vector.head, alpha, within, control_effect, int(vector.targets.sum()),
+                rows += _effect_rows(name, vector.head, TOY_EFFECT_NAME, alpha, within, control_effect, int(vector.targets.sum()),
                                      cross)
         _log_table(run, rows, f"Steering at {site}: vectors of seed {source_seed}")
         return run.run_id
