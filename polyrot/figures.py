@@ -90,7 +90,8 @@ def checkpoint_curve(table: pd.DataFrame) -> Figure:
 
 
 def ig_vs_ap(effects: pd.DataFrame) -> Figure:
-    """The paper's figure 3 (right): per model, IG and AP predictions against the measured mean-ablation effect (Bar C batch)."""
+    """The paper's figure 3 (right): per model, IG and AP predictions against the measured
+    mean-ablation effect of each component (the Bar C batch of effects.csv)."""
     labels = list(dict.fromkeys(effects["model"]))
     fig = Figure(figsize=(3.6 * len(labels), 3.6), layout="constrained")
     axes = fig.subplots(1, len(labels), squeeze=False)[0]

@@ -41,7 +41,8 @@ def latest_reproduction(definition: str, experiment: str | None = None) -> Run:
     return runs[0]
 
 
-def reproduction(definition: str, run_id: str | None = None, experiment: str | None = None) -> tuple[pipeline.Experiment, Run]:
+def reproduction(definition: str, run_id: str | None = None,
+                 experiment: str | None = None) -> tuple[pipeline.Experiment, Run]:
     """The experiment definition (in the reproduction's profile) and its parent run."""
     parent = tracking.fetch_run(run_id, "reproduce") if run_id else latest_reproduction(definition, experiment)
     recorded = parent.data.tags.get(TAG_DEFINITION)
