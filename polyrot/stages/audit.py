@@ -44,8 +44,8 @@ step143000 is the paper's cross-checkpoint pair). With --target-saes, decoder_pa
 decoder cosine of every pair of models at every site (the paper's 36 pairs of 9 Pythia seeds).
 
 Internal sites are all but the embedding, resid_pre_0 (layer0_resid_pre for Hugging Face models):
-bit-shared in Cohort A, and of low rank, so that R is arbitrary off its span. Pooled statistics and figure 2 use the internal sites (all
-sites if the audit has no other).
+bit-shared in Cohort A, and of low rank, so that R is arbitrary off its span. Pooled statistics
+and figure 2 use the internal sites (all sites if the audit has no other).
 
 Artifacts:
   audit.csv                     one row per site x target (kind trained or untrained)
