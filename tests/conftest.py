@@ -65,6 +65,22 @@ def smoke_reproduction(store) -> str:
     return STAGES["reproduce"](name="smoke")
 
 
+def model_with_gains():
+    """A small Dyck model whose RMSNorm gains are not 1, so that folding (and aligning, which folds)
+    has something to fold."""
+    import torch
+
+    from polyrot.model import DyckTransformer
+
+    m = DyckTransformer(seed=1)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(".w"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+    return m
+
+
 def cli(*args: str):
     """The polyrot command in-process, as a user would call it."""
     from click.testing import CliRunner

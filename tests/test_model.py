@@ -17,18 +17,13 @@ from polyrot.model import (
     save_model,
     site_names,
 )
+from tests.conftest import model_with_gains
 
 
 @pytest.fixture(scope="module")
 def model() -> DyckTransformer:
     """A model with non-trivial gains, so folding has something to fold."""
-    m = DyckTransformer(seed=1)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith(".w"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-    return m
+    return model_with_gains()
 
 
 @pytest.fixture(scope="module")

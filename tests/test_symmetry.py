@@ -22,6 +22,7 @@ from polyrot.symmetry import (
     rotate_heads_vo,
     scale_neurons,
 )
+from tests.conftest import model_with_gains
 
 # Small search settings: every test here would pass at the paper's 16 starts × 6 iterations × 400
 # Cayley steps too, only slower.
@@ -31,13 +32,7 @@ QUICK = dict(starts=2, outer_iters=3, cayley_iters=40)
 @pytest.fixture(scope="module")
 def model() -> DyckTransformer:
     """A model with non-trivial gains, so that align has something to fold."""
-    m = DyckTransformer(seed=1)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith(".w"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-    return m
+    return model_with_gains()
 
 
 @pytest.fixture(scope="module")
