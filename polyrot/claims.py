@@ -110,7 +110,7 @@ class Verdict:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.3g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+    return f"{x:.4g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3g}"
 
 
 def _globs(value, where: str, key: str) -> tuple[str, ...]:
