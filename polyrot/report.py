@@ -24,12 +24,12 @@ from polyrot import figures, pipeline, steering_figures, tracking
 from polyrot.claims import Verdict, render_markdown
 from polyrot.errors import LineageError
 from polyrot.rotation import Rotation, eigen_angles, haar_angles, pooled_statistics
+# Low-rank embeddings leave R arbitrary off their span: figure 2 pools the other sites, as the audit does.
+from polyrot.stages.audit import EMBEDDING_SITES, HAAR_SEED, N_HAAR
 from polyrot.verify import node_runs
 
 REPORT = "report/report.md"
 TAG_REPORT = "polyrot.report"
-EMBEDDING_SITE = "resid_pre_0"  # bit-shared and low-rank in Cohort A: R is arbitrary off its span
-N_HAAR, HAAR_SEED = 10, 31
 
 
 def _csv(run_id: str, stage: str, path: str) -> pd.DataFrame:
@@ -40,7 +40,7 @@ def _rotations(run: Run) -> list[Rotation]:
     paths = sorted(k[len(tracking.TAG_DIGEST):] for k in run.data.tags
                    if k.startswith(tracking.TAG_DIGEST + "rotations/"))
     return [Rotation.load(tracking.fetch_artifact(run.info.run_id, p, stage="fit_rotation")) for p in paths
-            if Path(p).stem != EMBEDDING_SITE]
+            if Path(p).stem not in EMBEDDING_SITES]
 
 
 def build_figures(exp: pipeline.Experiment, parent: Run) -> dict[str, object]:
