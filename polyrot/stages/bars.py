@@ -57,7 +57,7 @@ from polyrot.dyck import BatchSpec
 from polyrot.errors import ParameterError
 from polyrot.model import fold_rmsnorm, save_model
 from polyrot.stages.audit import parse_run_ids, seed_labels
-from polyrot.stages.base import REQUIRED, Option, Stage, non_negative, positive
+from polyrot.stages.base import REQUIRED, Option, Stage, non_negative, parse_numbers, positive
 from polyrot.stages.fit_rotation import seed_of
 from polyrot.stages.train_seed import CHECKPOINT, load_seed
 from polyrot.stages.train_seed import NAME as TRAIN_SEED
@@ -93,15 +93,7 @@ OPTIONS = (
 
 
 def parse_lambdas(raw: str | None) -> list[float]:
-    if not raw:
-        return []
-    try:
-        values = [float(x) for x in raw.split(",") if x.strip()]
-    except ValueError:
-        raise ParameterError(f"--lambdas takes comma-separated numbers, got {raw!r}") from None
-    if not values:
-        raise ParameterError("--lambdas names no value")
-    return list(dict.fromkeys(values))
+    return parse_numbers(raw, "--lambdas") if raw else []
 
 
 def check_architecture(reference_run: str, reference, run_id: str, model) -> None:

@@ -69,6 +69,17 @@ def unit_interval(v) -> str | None:
     return None if 0 < v <= 1 else "must lie in (0, 1]"
 
 
+def parse_numbers(raw: str, flag: str) -> list[float]:
+    """Comma-separated numbers of a list-valued option (--alphas, --lambdas), each once, in order."""
+    try:
+        values = [float(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise ParameterError(f"{flag} takes comma-separated numbers, got {raw!r}") from None
+    if not values:
+        raise ParameterError(f"{flag} names no value")
+    return list(dict.fromkeys(values))
+
+
 EXPERIMENT = Option("experiment", str, "polyrot", "MLflow experiment to log the run in")
 PARENT_RUN = Option("parent_run", str, None, "run ID of a parent run (groups runs in the UI)")
 

@@ -51,7 +51,8 @@ from polyrot.errors import ParameterError
 from polyrot.model import residual_sites, resolve_site
 from polyrot.rotation import fit_rotation
 from polyrot.stages.audit import parse_run_ids, seed_labels
-from polyrot.stages.base import REQUIRED, Option, Stage, batch_options, batch_spec, non_negative, positive
+from polyrot.stages.base import (REQUIRED, Option, Stage, batch_options, batch_spec, non_negative, parse_numbers,
+                                 positive)
 from polyrot.stages.fit_rotation import check_same_d_model, seed_of
 from polyrot.stages.hf_activations import is_hf_run, load_hf_activations, load_hf_model, load_hf_tokens
 from polyrot.stages.train_seed import NAME as TRAIN_SEED
@@ -84,15 +85,10 @@ OPTIONS = (
 
 
 def parse_alphas(raw: str) -> list[float]:
-    try:
-        alphas = [float(x) for x in raw.split(",") if x.strip()]
-    except ValueError:
-        raise ParameterError(f"--alphas takes comma-separated numbers, got {raw!r}") from None
-    if not alphas:
-        raise ParameterError("--alphas names no value")
+    alphas = parse_numbers(raw, "--alphas")
     if any(not a > 0 for a in alphas):
         raise ParameterError(f"--alphas must all be positive (a vector's sign is part of its definition), got {raw!r}")
-    return list(dict.fromkeys(alphas))
+    return alphas
 
 
 def residual_site(name: str, cfg) -> str:
