@@ -17,7 +17,7 @@ from polyrot.steering import (
     NEGLIGIBLE,
     diff_of_means,
     effect,
-    random_control,
+    random_controls,
     regime,
     steer,
     toy_vectors,
@@ -47,11 +47,17 @@ def test_diff_of_means_recovers_a_planted_direction():
         diff_of_means(acts, labels, torch.zeros_like(labels))
 
 
-def test_random_control_has_the_vectors_norm_and_is_seeded():
+def test_random_controls_have_the_vectors_norm_and_are_seeded():
     v = torch.randn(64)
-    control = random_control(v, seed=3)
-    assert torch.isclose(control.norm(), v.norm())
-    assert torch.equal(control, random_control(v, seed=3)) and not torch.equal(control, random_control(v, seed=4))
+    controls = random_controls(v, seed=3, n=4)
+    assert all(torch.isclose(c.norm(), v.norm()) for c in controls)
+    assert all(torch.equal(a, b) for a, b in zip(controls, random_controls(v, seed=3, n=4)))
+    # Drawn in turn: fewer draws are a prefix, and the draws differ from each other and across seeds.
+    assert torch.equal(random_controls(v, seed=3)[0], controls[0])
+    assert abs(float(torch.nn.functional.cosine_similarity(controls[0], controls[1], dim=0))) < 0.5
+    assert not torch.equal(controls[0], random_controls(v, seed=4)[0])
+    with pytest.raises(ValueError, match="at least one"):
+        random_controls(v, seed=3, n=0)
 
 
 def test_ratio_guard_and_regime_rule():

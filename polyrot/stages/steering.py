@@ -6,16 +6,19 @@ added at all positions, and its effect (conditional-accuracy drop on the vector'
 targeted rows) is measured:
 
   within_effect     on the source model itself
-  control_effect    on the source model, for a random direction of the vector's norm
+  control_effect    on the source model, for random directions of the vector's norm (the mean over
+                    --controls draws)
   raw_effect        on each target model, the vector added as it is
   rotated_effect    on each target model, the vector mapped into the target's frame by the rotation
                     target -> source (rotate_vector); fit here on the batch's activations, or with
                     --use-registry the newest registered rotation of the pair (registry.find_rotation)
-  target_control_effect  on each target model, the source's random control direction: how much
+  target_control_effect  on each target model, the source's random control directions: how much
                     of a cross-seed effect any direction of that norm would have had (a raw effect
                     near it transfers nothing specific to the vector)
   raw_ratio, ...    cross / within (NaN when within is negligible) and the regime label, both as
                     defined in polyrot.steering
+  raw_gap, rotated_gap   |cross - within|: how far each transfer lands from the source's own effect
+                    (rotation helps where rotated_gap < raw_gap)
 
 Hugging Face models (--source and --targets hf_activations runs, polyrot.hf): the paper's Pythia
 panel. The vectors are diffs of means over the contrastive sentence sets of --sentences (default
@@ -75,6 +78,8 @@ OPTIONS = (
     Option("use_registry", bool, False, "rotate with the registered rotation of each pair instead of fitting "
            "one on the batch"),
     Option("control_seed", int, 0, "seed of the random control directions"),
+    Option("controls", int, 8, "random control directions per vector; a control's effect is their mean",
+           check=positive),
     Option("sentences", str, None, "hf_activations runs: YAML of contrastive sentence sets; default "
            "projects/steering/pythia.yaml"),
     Option("eval_sequences", int, None, "hf_activations runs: sequences of the source's sample the effect is "
@@ -109,7 +114,8 @@ def _effect_rows(name: str, head: str, effect: str, alpha: float, within: float,
              "rotated_effect": rotated, "target_control_effect": target_control,
              "within_negligible": abs(within) < steering.NEGLIGIBLE,
              "raw_ratio": steering.transfer_ratio(raw, within), "rotated_ratio": steering.transfer_ratio(rotated, within),
-             "raw_regime": steering.regime(raw, within), "rotated_regime": steering.regime(rotated, within)}
+             "raw_regime": steering.regime(raw, within), "rotated_regime": steering.regime(rotated, within),
+             "raw_gap": abs(raw - within), "rotated_gap": abs(rotated - within)}
             for rid, (label, raw, rotated, target_control) in cross.items()]
 
 
@@ -123,7 +129,8 @@ def _log_table(run, rows: list[dict], title: str) -> None:
         prefix = f"{row['vector']}.alpha{row['alpha']:g}"
         metrics[f"{prefix}.within_effect"] = row["within_effect"]
         metrics[f"{prefix}.control_effect"] = row["control_effect"]
-        for column in ("raw_effect", "rotated_effect", "target_control_effect", "raw_ratio", "rotated_ratio"):
+        for column in ("raw_effect", "rotated_effect", "target_control_effect", "raw_ratio", "rotated_ratio",
+                       "raw_gap", "rotated_gap"):
             if pd.notna(row[column]):
                 metrics[f"{prefix}.{row['target']}.{column}"] = row[column]
     run.log_metrics(metrics)
@@ -178,15 +185,17 @@ def _run_hf(params: dict) -> str:
         run.log_metrics({f"{targets[rid][0]}.rotation_ev": r.metadata["rotation_ev"] for rid, r in rotations.items()})
         rows = []
         for name, vector in vectors.items():
-            control = steering.random_control(vector, params["control_seed"])
+            controls = steering.random_controls(vector, params["control_seed"], params["controls"])
             for alpha in alphas:
+                def control_kl(model) -> float:
+                    return sum(hf.steering_kl(model, tokens, site, c, alpha) for c in controls) / len(controls)
+
                 within = hf.steering_kl(source_model, tokens, site, vector, alpha)
                 cross = {rid: (label, hf.steering_kl(models[rid], tokens, site, vector, alpha),
                                hf.steering_kl(models[rid], tokens, site, rotations[rid].rotate_vector(vector), alpha),
-                               hf.steering_kl(models[rid], tokens, site, control, alpha))
+                               control_kl(models[rid]))
                          for rid, (label, _) in targets.items()}
-                rows += _effect_rows(name, HF_EFFECT, HF_EFFECT_NAME, alpha, within, hf.steering_kl(source_model, tokens, site,
-                                                                                    control, alpha),
+                rows += _effect_rows(name, HF_EFFECT, HF_EFFECT_NAME, alpha, within, control_kl(source_model),
                                      tokens.numel(), cross)
         _log_table(run, rows, f"Steering at {site}: vectors of {info['label']}")
         return run.run_id
@@ -241,19 +250,21 @@ def run(params: dict) -> str:
 
         rows = []
         for name, vector in vectors.items():
-            control = steering.random_control(vector.direction, params["control_seed"])
+            controls = steering.random_controls(vector.direction, params["control_seed"], params["controls"])
             for alpha in alphas:
+                def control_effect(rid: str, model) -> float:
+                    return sum(measure(rid, model, c, alpha, vector) for c in controls) / len(controls)
+
                 within = measure(source, source_model, vector.direction, alpha, vector)
-                control_effect = measure(source, source_model, control, alpha, vector)
                 cross = {rid: (labels[rid], measure(rid, model, vector.direction, alpha, vector),
                                measure(rid, model, rotations[rid].rotate_vector(vector.direction), alpha, vector),
-                               measure(rid, model, control, alpha, vector))
+                               control_effect(rid, model))
                          for rid, model in targets.items()}
-                rows += _effect_rows(name, vector.head, TOY_EFFECT_NAME, alpha, within, control_effect, int(vector.targets.sum()),
-                                     cross)
+                rows += _effect_rows(name, vector.head, TOY_EFFECT_NAME, alpha, within,
+                                     control_effect(source, source_model), int(vector.targets.sum()), cross)
         _log_table(run, rows, f"Steering at {site}: vectors of seed {source_seed}")
         return run.run_id
 
 
 STAGE = Stage(NAME, "Build the toy steering vectors on a source seed and measure how they transfer, raw and rotated.",
-              OPTIONS, run, code_version="2")
+              OPTIONS, run, code_version="3")
