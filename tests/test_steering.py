@@ -1,5 +1,6 @@
 """Steering vectors: diff of means, the intervention, exact transfer through a rotated copy, the stage."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -135,6 +136,8 @@ def test_stage_logs_the_table_vectors_and_figure(seed_run, cohort_a_run):
     # ... and the control on the target is the source's control.
     assert (self_rows["target_control_effect"] == self_rows["control_effect"]).all()
     assert (self_rows["rotated_effect"] - self_rows["within_effect"]).abs().max() < 0.02
+    assert np.allclose(table["raw_gap"], (table["raw_effect"] - table["within_effect"]).abs())
+    assert np.allclose(table["rotated_gap"], (table["rotated_effect"] - table["within_effect"]).abs())
     with safe_open(str(artifacts / "vectors.safetensors"), framework="pt") as f:
         assert set(f.keys()) == {"depth", "sticky", "closer"} and f.get_tensor("depth").shape == (64,)
         assert f.metadata()["site"] == SITE and f.metadata()["sticky.head"] == "valid"
@@ -164,6 +167,7 @@ def test_use_registry_without_a_registered_pair_is_one_line(seed_run):
     (["--site", "mlp_pre_1"], "site mlp_pre_1 is not a residual site; residual sites: resid_pre_0"),
     (["--alphas", ","], "--alphas names no value"),
     (["--alphas", "1,-2"], "--alphas must all be positive"),
+    (["--controls", "0"], "--controls must be positive, got 0"),
     (["--targets", "{other}"], "expected a train_seed run"),
     # Four brackets never reach depth 5.
     (["--batch-max-len", "4"], "depth vector +(mean(depth=5) - mean(depth=4)): mask_a selects no row"),
