@@ -23,7 +23,8 @@ Control: random directions of the vector's norm. One draw is not a control: on t
 alpha = 2 single draws range from 0.00 to 0.70, so the effect of a control is the mean over several.
 
 Transfer: ratio = cross-seed effect / within-seed effect, NaN when the within-seed effect is
-negligible (|effect| < NEGLIGIBLE). Regimes, decided by `regime` only:
+negligible (|effect| < NEGLIGIBLE). The paper also speaks in doses ("cross needs ~4x the within-seed
+dose"): `dose_multiple` reads that off the alpha grid. Regimes, decided by `regime` only:
 
     clean     0.5 <= ratio <= 2 (so the effects share their sign)
     inverted  the cross effect is not negligible and has the opposite sign, or ratio > 4, or the
@@ -35,7 +36,7 @@ negligible (|effect| < NEGLIGIBLE). Regimes, decided by `regime` only:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +133,26 @@ def random_controls(vector: torch.Tensor, seed: int, n: int = 1) -> list[torch.T
 def transfer_ratio(cross: float, within: float) -> float:
     """cross / within, NaN when the within-seed effect is negligible (see `regime`)."""
     return math.nan if abs(within) < NEGLIGIBLE else cross / within
+
+
+def dose_multiple(alphas: Sequence[float], cross: Sequence[float], within: float, alpha: float) -> float:
+    """How many times the dose `alpha` another model needs for the within-seed effect `within`.
+
+    The dose is where the cross effects, measured at the doses `alphas`, first reach `within`,
+    interpolated linearly in log alpha between neighbouring doses (the paper's grid doubles). NaN when
+    `within` is negligible or no dose of the grid reaches it; when the smallest dose already does,
+    the result is that dose's multiple, an upper bound.
+    """
+    if abs(within) < NEGLIGIBLE:
+        return math.nan
+    points = sorted(zip(alphas, cross))
+    if points[0][1] >= within:
+        return points[0][0] / alpha
+    for (a0, e0), (a1, e1) in zip(points, points[1:]):
+        if e1 >= within:
+            t = (within - e0) / (e1 - e0)
+            return math.exp(math.log(a0) + t * (math.log(a1) - math.log(a0))) / alpha
+    return math.nan
 
 
 def regime(cross: float, within: float) -> str:

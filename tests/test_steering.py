@@ -1,5 +1,7 @@
 """Steering vectors: diff of means, the intervention, exact transfer through a rotated copy, the stage."""
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,6 +19,7 @@ from polyrot.stages.train_seed import load_seed
 from polyrot.steering import (
     NEGLIGIBLE,
     diff_of_means,
+    dose_multiple,
     effect,
     random_controls,
     regime,
@@ -59,6 +62,16 @@ def test_random_controls_have_the_vectors_norm_and_are_seeded():
     assert not torch.equal(controls[0], random_controls(v, seed=4)[0])
     with pytest.raises(ValueError, match="at least one"):
         random_controls(v, seed=3, n=0)
+
+
+def test_dose_multiple_reads_the_alpha_grid_in_log_alpha():
+    alphas, cross = [4, 0.5, 2, 1], [0.9, 0.0, 0.5, 0.1]  # any order
+    assert dose_multiple(alphas, cross, within=0.5, alpha=1) == pytest.approx(2.0)
+    assert dose_multiple(alphas, cross, within=0.7, alpha=1) == pytest.approx(2 ** 1.5)  # halfway from 2 to 4
+    assert dose_multiple(alphas, cross, within=0.7, alpha=2) == pytest.approx(2 ** 0.5)
+    assert dose_multiple(alphas, [0.6, 0.6, 0.6, 0.6], within=0.5, alpha=1) == 0.5  # an upper bound
+    assert math.isnan(dose_multiple(alphas, cross, within=0.95, alpha=1))           # never reached
+    assert math.isnan(dose_multiple(alphas, cross, within=NEGLIGIBLE / 2, alpha=1))
 
 
 def test_ratio_guard_and_regime_rule():
@@ -138,6 +151,8 @@ def test_stage_logs_the_table_vectors_and_figure(seed_run, cohort_a_run):
     assert (self_rows["rotated_effect"] - self_rows["within_effect"]).abs().max() < 0.02
     assert np.allclose(table["raw_gap"], (table["raw_effect"] - table["within_effect"]).abs())
     assert np.allclose(table["rotated_gap"], (table["rotated_effect"] - table["within_effect"]).abs())
+    # The within-seed curve reaches its own effect at alpha at the latest.
+    assert (self_rows["raw_dose"].dropna() <= 1 + 1e-9).all() and self_rows["raw_dose"].notna().any()
     with safe_open(str(artifacts / "vectors.safetensors"), framework="pt") as f:
         assert set(f.keys()) == {"depth", "sticky", "closer"} and f.get_tensor("depth").shape == (64,)
         assert f.metadata()["site"] == SITE and f.metadata()["sticky.head"] == "valid"

@@ -19,6 +19,9 @@ targeted rows) is measured:
                     defined in polyrot.steering
   raw_gap, rotated_gap   |cross - within|: how far each transfer lands from the source's own effect
                     (rotation helps where rotated_gap < raw_gap)
+  raw_dose, rotated_dose  the multiple of alpha at which the target reaches the within-seed effect
+                    at alpha, read off the alpha grid (polyrot.steering.dose_multiple; NaN if no
+                    dose of the grid reaches it)
 
 Hugging Face models (--source and --targets hf_activations runs, polyrot.hf): the paper's Pythia
 panel. The vectors are diffs of means over the contrastive sentence sets of --sentences (default
@@ -119,9 +122,22 @@ def _effect_rows(name: str, head: str, effect: str, alpha: float, within: float,
             for rid, (label, raw, rotated, target_control) in cross.items()]
 
 
+def _with_doses(table: pd.DataFrame) -> pd.DataFrame:
+    """Add raw_dose and rotated_dose: the multiple of each row's alpha the target needs, raw or
+    rotated, for the within-seed effect at that alpha (steering.dose_multiple over the alpha grid)."""
+    parts = []
+    for _, group in table.groupby(["vector", "target"], sort=False):
+        group = group.copy()
+        for kind in ("raw", "rotated"):
+            group[f"{kind}_dose"] = [steering.dose_multiple(group["alpha"], group[f"{kind}_effect"], within, alpha)
+                                     for alpha, within in zip(group["alpha"], group["within_effect"])]
+        parts.append(group)
+    return pd.concat(parts).loc[table.index]
+
+
 def _log_table(run, rows: list[dict], title: str) -> None:
     """steering.csv, its metrics and figure 4."""
-    table = pd.DataFrame(rows)
+    table = _with_doses(pd.DataFrame(rows))
     table.to_csv(run.path("steering.csv"), index=False)
     run.log_artifact("steering.csv")
     metrics = {}
@@ -130,7 +146,7 @@ def _log_table(run, rows: list[dict], title: str) -> None:
         metrics[f"{prefix}.within_effect"] = row["within_effect"]
         metrics[f"{prefix}.control_effect"] = row["control_effect"]
         for column in ("raw_effect", "rotated_effect", "target_control_effect", "raw_ratio", "rotated_ratio",
-                       "raw_gap", "rotated_gap"):
+                       "raw_gap", "rotated_gap", "raw_dose", "rotated_dose"):
             if pd.notna(row[column]):
                 metrics[f"{prefix}.{row['target']}.{column}"] = row[column]
     run.log_metrics(metrics)
@@ -267,4 +283,4 @@ def run(params: dict) -> str:
 
 
 STAGE = Stage(NAME, "Build the toy steering vectors on a source seed and measure how they transfer, raw and rotated.",
-              OPTIONS, run, code_version="3")
+              OPTIONS, run, code_version="4")
