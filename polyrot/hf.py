@@ -29,6 +29,7 @@ from huggingface_hub import constants, scan_cache_dir, try_to_load_from_cache
 from huggingface_hub.file_download import repo_folder_name
 from tqdm.auto import tqdm
 
+from polyrot.device import resolve_device
 from polyrot.errors import HubResolutionError, ParameterError, UnknownSiteError
 
 # The paper's Pythia settings (NUMBERS.md §5, §6j).
@@ -136,15 +137,6 @@ def quiet_transformers():
     finally:
         if enabled:
             logging.enable_progress_bar()
-
-
-def resolve_device(device: str) -> str:
-    """'auto' is CUDA when present, else the CPU."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ParameterError(f"device {device!r} asked for, but torch sees no CUDA device")
-    return device
 
 
 def load_causal_lm(name_or_path: str, revision: str | None = None, cache_dir: str | Path | None = None, *,

@@ -54,8 +54,9 @@ TAG_DIGEST = "polyrot.sha256."       # + artifact path, value = hex digest
 TAG_REUSE_KEY = "polyrot.reuse_key"  # stage + code version + parameters: equal keys, equal results
 TAG_HOST, TAG_PID = "polyrot.host", "polyrot.pid"  # who runs it: tells a stale RUNNING run from a live one
 
-# Parameters that do not change a stage's results, so they stay out of the reuse key.
-NOT_IN_REUSE_KEY = ("experiment", "parent_run", "threads")
+# Parameters that say where and how a stage runs rather than what it computes, so they stay out of
+# the reuse key: seeds trained on a GPU are reused by an analysis on the CPU.
+NOT_IN_REUSE_KEY = ("experiment", "parent_run", "threads", "device")
 
 
 def store_root() -> Path:

@@ -6,6 +6,7 @@ so the tracking layer (or a notebook) decides where they go.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from polyrot import dyck
+from polyrot.device import resolve_device
 from polyrot.errors import ParameterError
 from polyrot.model import HEADS, DyckTransformer, ModelConfig
 
@@ -62,6 +64,9 @@ class TrainConfig:
     eval_sequences: int = 2048      # per split, at every evaluation
     confirm_sequences: int = 16384  # per split, to confirm a crossing of target_acc (~10^6 tokens)
     threads: int = 0                # torch threads; 0 keeps torch's default
+    # Where the loop runs (auto: CUDA when present). On CUDA the forward and loss run under bf16
+    # autocast with fp32 master weights, as the paper trained; on the CPU everything stays fp32.
+    device: str = "auto"
 
     def __post_init__(self):
         if self.profile not in PROFILES:
@@ -155,13 +160,14 @@ class EvalSets:
 def evaluate(model: DyckTransformer, sets: EvalSets, chunk: int = 4096) -> dict[str, float]:
     """Per-split, per-head accuracy and loss over non-PAD positions, and their minimum accuracy."""
     model.eval()
+    device = next(model.parameters()).device
     out: dict[str, float] = {}
     for split, batch in sets.batches.items():
         correct = {h: 0 for h in HEADS}
         loss_sum = {h: 0.0 for h in HEADS}
         n = int(batch.mask.sum())
         for lo in range(0, len(batch), chunk):
-            part = batch.select(slice(lo, lo + chunk))
+            part = batch.select(slice(lo, lo + chunk)).to(device)
             logits = model(part.tokens)
             m = part.mask
             for h in HEADS:
@@ -234,6 +240,10 @@ def train(
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = torch.device(resolve_device(cfg.device))
+    move_state(state, device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
     model, opt = state.model, state.optimizer
     model.train()
     stream = TrainingStream(cfg.seed, cfg.p_corrupt, state.rows_consumed)
@@ -248,8 +258,9 @@ def train(
             break
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, state.step)
-        batch = stream.next(cfg.batch_size)
-        loss = loss_fn(model(batch.tokens), batch)
+        batch = stream.next(cfg.batch_size).to(device)
+        with autocast:
+            loss = loss_fn(model(batch.tokens), batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
@@ -284,7 +295,18 @@ def train(
         if on_checkpoint and state.step % cfg.checkpoint_every == 0:
             on_checkpoint(state, f"step-{state.step:06d}")
     bar.close()
+    move_state(state, torch.device("cpu"))  # callers compare, save and evaluate on the CPU
     return state
+
+
+def move_state(state: TrainState, device: torch.device) -> None:
+    """Move the model and the optimizer's moment tensors to `device`, in place. Adam's step counts
+    stay on the CPU, where torch keeps them unless the optimizer is capturable."""
+    state.model.to(device)
+    for moments in state.optimizer.state.values():
+        for name, value in moments.items():
+            if torch.is_tensor(value) and name != "step":
+                moments[name] = value.to(device)
 
 
 def new_state(cfg: TrainConfig, shared_io: dict[str, torch.Tensor] | None = None) -> TrainState:
@@ -302,9 +324,9 @@ def new_state(cfg: TrainConfig, shared_io: dict[str, torch.Tensor] | None = None
 
 def checkpoint_payload(state: TrainState, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, json) that `restore_checkpoint` turns back into an identical TrainState."""
-    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in state.model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in state.model.state_dict().items()}
     opt_tensors, opt_meta = optimizer_tensors(state.optimizer)
-    tensors.update({k: v.detach().clone().contiguous() for k, v in opt_tensors.items()})
+    tensors.update({k: v.detach().to("cpu", copy=True).contiguous() for k, v in opt_tensors.items()})
     meta = {
         "step": state.step, "rows_consumed": state.rows_consumed, "first_crossing": state.first_crossing,
         "milestones": state.milestones, "train_config": cfg.to_dict(), "optimizer": opt_meta,

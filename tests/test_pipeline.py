@@ -132,3 +132,11 @@ def test_kill_9_then_rerun_completes_without_duplicates(store, tmp_path):
     assert len(finished) == 3 and set(finished.values()) == {1}
     assert not [r for r in runs if r.info.status == "RUNNING"]
     assert [r for r in runs if r.info.status == "FAILED"]  # the killed stage and parent, marked stale
+
+
+def test_where_a_stage_runs_stays_out_of_the_reuse_key():
+    # Seeds trained on a GPU are then reused by a reproduction on the CPU, and vice versa.
+    plain = tracking.reuse_key("train_seed", "1", {"seed": 0, "max_steps": 40})
+    assert tracking.reuse_key("train_seed", "1", {"seed": 0, "max_steps": 40, "device": "cuda", "threads": 1,
+                                                  "experiment": "x"}) == plain
+    assert tracking.reuse_key("train_seed", "1", {"seed": 0, "max_steps": 41}) != plain

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from polyrot.device import resolve_device
 from polyrot.errors import ParameterError
 from polyrot.train import (
     PAPER,
@@ -76,3 +77,22 @@ def test_frozen_shared_io_stays_bit_identical():
     state = train(new_state(cfg, shared), cfg, progress=False)
     assert all(torch.equal(getattr(state.model, k), v) for k, v in shared.items())
     assert not torch.equal(state.model.blocks[0].mlp.W_in, source.blocks[0].mlp.W_in)
+
+
+def test_device_resolution():
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ParameterError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ParameterError, match="torch sees no CUDA device"):
+            resolve_device("cuda:0")
+
+
+def test_training_returns_its_state_on_the_cpu():
+    # Whatever device the loop ran on, callers compare, save and evaluate on the CPU.
+    cfg = TrainConfig.from_profile("cpu", **{**TINY, "max_steps": 2, "eval_every": 2}, device="auto")
+    state = train(new_state(cfg), cfg, progress=False)
+    assert {p.device.type for p in state.model.parameters()} == {"cpu"}
+    moments = [v for s in state.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    assert moments and {v.device.type for v in moments} == {"cpu"}

@@ -36,6 +36,7 @@ def test_a_run_records_params_metrics_artifacts_and_provenance(seed_run):
     assert tags[tracking.TAG_DIRTY] in ("true", "false")
     assert params["seed"] == "0" and params["max_steps"] == "40" and params["profile"] == "cpu"
     assert params["recipe.lr"] == "0.002" and params["recipe.batch_size"] == "32"
+    assert params["resolved_device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     for key in ("acc.train.tok", "acc.compositional.depth", "acc.long.valid", "loss.train.tok", "acc.min",
                 "final.acc.min", "train.loss"):
         assert key in metrics
@@ -125,6 +126,9 @@ def test_tampered_artifact(seed_run, tmp_path):
     ("--lr", "0", "--lr must be positive"),
     ("--lr", "fast", "--lr expects float"),
     ("--profile", "gpu", "--profile must be one of cpu, paper"),
+    ("--device", "gpu", "unknown device 'gpu'; use auto, cpu, cuda or cuda:N"),
+    pytest.param("--device", "cuda", "device 'cuda' asked for, but torch sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_parameters(store, flag, value, message):
     client = MlflowClient()

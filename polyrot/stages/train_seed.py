@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from polyrot import tracking
+from polyrot.device import resolve_device
 from polyrot.errors import ArtifactMissingError, ParameterError
 from polyrot.model import SHARED_IO, load_model, save_model
 from polyrot.stages.base import Option, Stage, non_negative, positive, unit_interval
@@ -55,6 +56,8 @@ OPTIONS = (
     Option("resume", str, None, "train_seed run ID to continue from its last checkpoint (the recipe comes from it)"),
     Option("threads", int, 0, "torch threads (0: torch's default); 1 makes training bit-reproducible",
            check=non_negative),
+    Option("device", str, None, "cpu, cuda or cuda:N; default: CUDA when torch sees one (bf16 autocast there, "
+           "as the paper), else the CPU"),
 )
 RECIPE_OPTIONS = ("batch_size", "max_steps", "lr", "eval_every", "target_acc", "extra_steps",
                   "checkpoint_every", "p_corrupt", "eval_sequences", "confirm_sequences")
@@ -80,7 +83,7 @@ def _resume_state(params: dict):
     for name in RECIPE_OPTIONS + ("seed",):
         if params[name] is not None and params[name] != getattr(cfg, name):
             raise ParameterError(f"--{name.replace('_', '-')} {params[name]} conflicts with the resumed run's {getattr(cfg, name)}")
-    return state, TrainConfig.from_dict({**cfg.to_dict(), "threads": params["threads"]})
+    return state, TrainConfig.from_dict({**cfg.to_dict(), "threads": params["threads"], "device": params["device"] or "auto"})
 
 
 def _shared_io(run_id: str) -> dict[str, torch.Tensor]:
@@ -98,17 +101,18 @@ def run(params: dict) -> str:
     else:
         cfg = TrainConfig.from_profile(
             params["profile"], seed=params["seed"] if params["seed"] is not None else 0,
-            threads=params["threads"], **{k: params[k] for k in RECIPE_OPTIONS})
+            threads=params["threads"], device=params["device"], **{k: params[k] for k in RECIPE_OPTIONS})
         shared_from = params["shared_io_from"]
         shared = _shared_io(shared_from) if shared_from else None
         state = new_state(cfg, shared)
 
+    device = resolve_device(cfg.device)
     upstream = {k: v for k, v in (("shared_io", shared_from), ("resume", params["resume"])) if v}
     cohort = "A" if shared_from else "B"
     with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
                             upstream=upstream, parent_run_id=params["parent_run"],
                             run_name=f"seed-{cfg.seed}", tags={"polyrot.seed": cfg.seed, "polyrot.cohort": cohort}) as run:
-        run.log_params({f"recipe.{k}": v for k, v in cfg.to_dict().items()})
+        run.log_params({f"recipe.{k}": v for k, v in cfg.to_dict().items()} | {"resolved_device": device})
 
         def on_eval(step: int, metrics: dict) -> None:
             run.log_metrics(metrics, step)

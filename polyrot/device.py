@@ -1,0 +1,20 @@
+"""Which torch device a computation runs on: 'auto' takes CUDA when torch sees one."""
+
+from __future__ import annotations
+
+import torch
+
+from polyrot.errors import ParameterError
+
+
+def resolve_device(device: str) -> str:
+    """'auto' is CUDA when present, else the CPU; asking for CUDA without one is a ParameterError."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ParameterError(f"device {device!r} asked for, but torch sees no CUDA device")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ParameterError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    return device
