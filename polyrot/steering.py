@@ -140,10 +140,11 @@ def dose_multiple(alphas: Sequence[float], cross: Sequence[float], within: float
 
     The dose is where the cross effects, measured at the doses `alphas`, first reach `within`,
     interpolated linearly in log alpha between neighbouring doses (the paper's grid doubles). NaN when
-    `within` is negligible or no dose of the grid reaches it; when the smallest dose already does,
-    the result is that dose's multiple, an upper bound.
+    `within` is not a positive, non-negligible effect (there is no dose to match) or no dose of the
+    grid reaches it; when the smallest dose already does, the result is that dose's multiple, an
+    upper bound.
     """
-    if abs(within) < NEGLIGIBLE:
+    if within < NEGLIGIBLE:
         return math.nan
     points = sorted(zip(alphas, cross))
     if points[0][1] >= within:

@@ -72,6 +72,7 @@ def test_dose_multiple_reads_the_alpha_grid_in_log_alpha():
     assert dose_multiple(alphas, [0.6, 0.6, 0.6, 0.6], within=0.5, alpha=1) == 0.5  # an upper bound
     assert math.isnan(dose_multiple(alphas, cross, within=0.95, alpha=1))           # never reached
     assert math.isnan(dose_multiple(alphas, cross, within=NEGLIGIBLE / 2, alpha=1))
+    assert math.isnan(dose_multiple(alphas, cross, within=-0.3, alpha=1))  # steering helped: no dose to match
 
 
 def test_ratio_guard_and_regime_rule():

@@ -283,4 +283,4 @@ def run(params: dict) -> str:
 
 
 STAGE = Stage(NAME, "Build the toy steering vectors on a source seed and measure how they transfer, raw and rotated.",
-              OPTIONS, run, code_version="4")
+              OPTIONS, run, code_version="5")
