@@ -10,8 +10,8 @@ EFFECT_SERIES = (
     ("within_effect", "within seed", "#000000", "-"),
     ("raw_effect", "raw cross-seed", "#D55E00", "-"),
     ("rotated_effect", "rotated cross-seed", "#009E73", "-"),
-    ("control_effect", "random control", "#56B4E9", "--"),
-    ("target_control_effect", "random control on targets", "#CC79A7", ":"),
+    ("control_effect", "random directions (mean)", "#56B4E9", "--"),
+    ("target_control_effect", "random directions on targets (mean)", "#CC79A7", ":"),
 )
 
 

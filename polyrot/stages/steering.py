@@ -111,7 +111,7 @@ def residual_site(name: str, cfg) -> str:
 def _effect_rows(name: str, head: str, effect: str, alpha: float, within: float, control: float, n_targeted: int,
                  cross: dict[str, tuple[str, float, float, float]]) -> list[dict]:
     """One steering.csv row per target: cross = {target run: (label, raw effect, rotated effect,
-    the same random control's effect on the target)}; `effect` names what the effects measure."""
+    the same random controls' mean effect on the target)}; `effect` names what the effects measure."""
     return [{"vector": name, "head": head, "effect": effect, "alpha": alpha, "target": label, "target_run": rid,
              "n_targeted": n_targeted, "within_effect": within, "control_effect": control, "raw_effect": raw,
              "rotated_effect": rotated, "target_control_effect": target_control,
