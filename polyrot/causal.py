@@ -35,6 +35,7 @@ import scipy.stats
 import torch
 from tqdm.auto import tqdm
 
+from polyrot.activations import extract
 from polyrot.dyck import Batch, BatchSpec
 from polyrot.errors import ParameterError
 from polyrot.model import DyckTransformer, ModelConfig
@@ -80,16 +81,8 @@ def is_head(name: str) -> bool:
 def component_means(model: DyckTransformer, batch: Batch, chunk: int = 512) -> dict[str, torch.Tensor]:
     """Each component's mean contribution [d_model] over the non-PAD positions of `batch`."""
     names = components(model.cfg)
-    sites = [component_site(n) for n in names]
-    sums = {s: torch.zeros(model.cfg.d_model, dtype=torch.float64) for s in sites}
-    model.eval()
-    for lo in range(0, len(batch), chunk):
-        part = batch.select(slice(lo, lo + chunk))
-        _, cache = model.run(part.tokens, sites=sites)
-        for s in sites:
-            sums[s] += cache[s][part.mask].sum(0, dtype=torch.float64)
-    count = int(batch.mask.sum())
-    return {n: (sums[s] / count).float() for n, s in zip(names, sites)}
+    rows = extract(model, batch, [component_site(n) for n in names], chunk=chunk)
+    return {n: rows[component_site(n)].double().mean(0).float() for n in names}
 
 
 def clean_activations(model: DyckTransformer, batch: Batch) -> dict[str, torch.Tensor]:
