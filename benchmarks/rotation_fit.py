@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from polyrot.rotation import (
+from polyrot.core.rotation import (
     determinant,
     eigen_angles,
     fit_rotation,

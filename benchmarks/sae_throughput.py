@@ -6,7 +6,7 @@ with --model-run (read from the polyrot store). Rows/s counts the rows the optim
 (steps × batch size); each timed run includes the final evaluation on every row, which is part of
 what `train_sae` does.
 
-  polyrot    polyrot.sae.train_sae, as the train_sae stage calls it
+  polyrot    polyrot.core.sae.train_sae, as the train_sae stage calls it
   reference  the same recipe written the obvious way: every formula as separate tensor ops,
              the decoder gradient's parallel part removed and the columns renormalised one
              column at a time, torch's non-foreach Adam. It starts from polyrot's initial
@@ -36,11 +36,11 @@ import time
 
 import torch
 
-from polyrot import metrics
-from polyrot.activations import extract
-from polyrot.dyck import BatchSpec
-from polyrot.model import DyckTransformer
-from polyrot.sae import SAEConfig, SparseAutoencoder, train_sae
+from polyrot.core import metrics
+from polyrot.core.sae import SAEConfig, SparseAutoencoder, train_sae
+from polyrot.toy.activations import extract
+from polyrot.toy.model import DyckTransformer
+from polyrot.toy.task import BatchSpec
 
 CHECK_STEPS = 5
 SAELENS_INSTALL = ("`pip install --dry-run sae-lens` (6.54.12) adds it next to torch 2.13.0 without replacing torch; "
@@ -90,7 +90,11 @@ def saelens_peer():
     """A trainer function for SAELens, or the reason there is none."""
     try:
         import sae_lens
-        from sae_lens import LoggingConfig, StandardTrainingSAE, StandardTrainingSAEConfig
+        from sae_lens import (
+            LoggingConfig,
+            StandardTrainingSAE,
+            StandardTrainingSAEConfig,
+        )
         from sae_lens.config import SAETrainerConfig
         from sae_lens.training.sae_trainer import SAETrainer
     except ImportError as exc:

@@ -1,6 +1,6 @@
 """Wall time and steps for one seed to reach 99%, 99.9% and 99.99% min held-out accuracy.
 
-Trains with polyrot.train directly (no MLflow). The accuracy is the minimum over every split and
+Trains with polyrot.toy.train directly (no MLflow). The accuracy is the minimum over every split and
 output head, and a milestone counts once it is confirmed on ~10^6 tokens per split (the training
 loop's own confirmation); the wall time includes the loop's evaluations, as a real run's does.
 The eval history goes to benchmarks/results/ as JSON for plotting. A full run takes 20-60 min.
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from polyrot.dyck import HEADS, SPLITS
-from polyrot.train import MILESTONES, PROFILES, TrainConfig, new_state, train
+from polyrot.toy.recipe import PROFILES, TrainConfig
+from polyrot.toy.task import HEADS, SPLITS
+from polyrot.toy.train import MILESTONES, new_state, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

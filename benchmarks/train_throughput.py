@@ -28,9 +28,10 @@ import time
 import torch
 from torch import nn
 
-from polyrot.dyck import Batch
-from polyrot.model import HEADS, DyckTransformer, ModelConfig
-from polyrot.train import CHUNK_ROWS, TrainConfig, TrainingStream, loss_fn, make_optimizer
+from polyrot.toy.dyck import Batch
+from polyrot.toy.model import HEADS, DyckTransformer, ModelConfig
+from polyrot.toy.recipe import TrainConfig
+from polyrot.toy.train import CHUNK_ROWS, TrainingStream, loss_fn, make_optimizer
 
 
 class ReferenceRMSNorm(nn.Module):
@@ -119,7 +120,7 @@ class ReferenceTransformer(nn.Module):
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, grad_clip: float) -> float:
-    """polyrot.train.train's step, minus the learning-rate schedule (a few float operations)."""
+    """polyrot.toy.train.train's step, minus the learning-rate schedule (a few float operations)."""
     loss = loss_fn(model(batch.tokens), batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -70,7 +70,7 @@ def model_with_gains():
     has something to fold."""
     import torch
 
-    from polyrot.model import DyckTransformer
+    from polyrot.toy.model import DyckTransformer
 
     m = DyckTransformer(seed=1)
     gen = torch.Generator().manual_seed(0)

@@ -6,11 +6,12 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from polyrot import tracking
-from polyrot.activations import condition_rows
-from polyrot.dyck import BatchSpec
 from polyrot.errors import ArtifactCorruptError
 from polyrot.stages import STAGES
 from polyrot.stages.activations import load_activations, load_rows, site_activations
+from polyrot.toy.activations import condition_rows
+from polyrot.toy.dyck import make_batch
+from polyrot.toy.task import BatchSpec
 from tests.conftest import cli, one_line_error
 
 EXPERIMENT = "tests-activations"
@@ -18,7 +19,6 @@ SPEC = BatchSpec(n_sequences=200)
 # The TransformerLens spelling of resid_post_1 checks that aliases are stored under the paper's name.
 SITES = "resid_mid_0,resid_mid_1,blocks.1.hook_resid_post"
 CANONICAL = ["resid_mid_0", "resid_mid_1", "resid_post_1"]
-
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_a_run_records_the_spec_the_tensors_and_the_row_labels(acts_run, seed_ru
     assert run.info.status == "FINISHED"
     assert tags[tracking.TAG_STAGE] == "activations" and tags[tracking.TAG_UPSTREAM + "model"] == seed_run
     assert BatchSpec.from_params(params) == SPEC
-    assert params["batch.seed"] == "12345" and params["batch.n_sequences"] == "200" and params["dtype"] == "float32"
+    assert params["batch_seed"] == "12345" and params["batch_sequences"] == "200" and params["dtype"] == "float32"
     assert all(params[f"d.{site}"] == "64" for site in CANONICAL)
 
     artifacts = tracking.artifact_dir(acts_run)
@@ -45,7 +45,7 @@ def test_a_run_records_the_spec_the_tensors_and_the_row_labels(acts_run, seed_ru
         assert tags[tracking.TAG_DIGEST + path] == tracking.sha256_file(artifacts / path)
     stored = load_file(artifacts / "activations.safetensors")
     assert sorted(stored) == sorted(CANONICAL)
-    batch = SPEC.generate()
+    batch = make_batch(SPEC)
     n_rows = int(batch.mask.sum())
     assert metrics["n_rows"] == n_rows and metrics["n_sequences"] == 200
     assert all(t.shape == (n_rows, 64) and t.dtype == torch.float32 for t in stored.values())

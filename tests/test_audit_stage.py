@@ -6,8 +6,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from polyrot import tracking
-from polyrot.model import DyckTransformer, ModelConfig
 from polyrot.stages import STAGES
+from polyrot.toy.model import DyckTransformer, ModelConfig
 from tests.conftest import cli, one_line_error
 from tests.test_fit_rotation_stage import log_model_run, rotated_copy_runs
 

@@ -6,11 +6,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from polyrot import tracking
-from polyrot.dyck import BatchSpec
-from polyrot.model import DyckTransformer, ModelConfig, load_model, save_model
 from polyrot.stages import STAGES
 from polyrot.stages.train_seed import NAME as TRAIN_SEED
 from polyrot.stages.train_seed import load_seed
+from polyrot.toy.dyck import make_batch
+from polyrot.toy.model import DyckTransformer, ModelConfig, load_model, save_model
+from polyrot.toy.task import BatchSpec
 from tests.conftest import TINY_TRAIN, cli, one_line_error
 
 torch.set_num_threads(1)
@@ -70,7 +71,7 @@ def test_tables_and_figure(bars_run):
 
 
 def test_aligned_models_compute_the_original_function(bars_run, seed_run, second_seed):
-    tokens = BatchSpec("check", seed=5, n_sequences=32).generate().tokens
+    tokens = make_batch(BatchSpec("check", seed=5, n_sequences=32)).tokens
     for label, rid in (("s0", seed_run), ("s1", second_seed)):
         path = tracking.artifact_dir(bars_run) / "aligned" / label / "model.safetensors"
         aligned, original = load_model(path), load_seed(rid)

@@ -7,12 +7,13 @@ import pytest
 import scipy.stats
 import torch
 
-from polyrot import behavioural
-from polyrot.dyck import BatchSpec, label_tokens
+from polyrot.core.rotation import haar_rotation
 from polyrot.errors import ParameterError
-from polyrot.model import DyckTransformer, fold_rmsnorm, rotate_residual
-from polyrot.rotation import haar_rotation
 from polyrot.stages.train_seed import load_seed
+from polyrot.toy import behavioural
+from polyrot.toy.dyck import label_tokens, make_batch
+from polyrot.toy.model import DyckTransformer, fold_rmsnorm, rotate_residual
+from polyrot.toy.task import BatchSpec
 
 torch.set_num_threads(1)
 
@@ -89,7 +90,7 @@ def test_non_positive_samples_are_refused(samples):
 
 def test_model_kl_is_zero_on_itself_and_on_an_exactly_rotated_copy(seed_run):
     folded = fold_rmsnorm(load_seed(seed_run))
-    batch = BatchSpec("kl", seed=1, n_sequences=64).generate()
+    batch = make_batch(BatchSpec("kl", seed=1, n_sequences=64))
     assert behavioural.model_kl(folded, folded, batch) == (0.0, {"tok": 0.0, "depth": 0.0, "valid": 0.0})
     mean, _ = behavioural.model_kl(folded, rotate_residual(folded, haar_rotation(64, seed=2)), batch)
     assert 0 <= mean < 1e-10
@@ -107,7 +108,7 @@ def test_the_decoy_averages_depth_rows_in_pairs_and_changes_only_the_depth_head(
         assert torch.allclose(D[row], (W[row] + W[row + 1]) / 2) and torch.equal(D[row], D[row + 1])
     assert torch.equal(D[8], W[8])  # the ninth class has no partner
     assert torch.equal(decoy.W_U_tok, model.W_U_tok) and torch.equal(model.W_U_depth, W)
-    _, per_head = behavioural.model_kl(model, decoy, BatchSpec("kl", seed=1, n_sequences=64).generate())
+    _, per_head = behavioural.model_kl(model, decoy, make_batch(BatchSpec("kl", seed=1, n_sequences=64)))
     assert per_head["tok"] == 0.0 and per_head["valid"] == 0.0 and per_head["depth"] > 1e-4
     real, fake = behavioural.bar_b(model, 256), behavioural.bar_b(decoy, 256)
     assert fake.per_head["tok"] == real.per_head["tok"] and fake.per_head["depth"] != real.per_head["depth"]

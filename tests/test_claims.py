@@ -5,8 +5,17 @@ import textwrap
 
 import pytest
 
-from polyrot import pipeline
-from polyrot.claims import FAIL, MISSING, PASS, ClaimError, evaluate, failed_required, parse_claim, render_text
+from polyrot.experiments import pipeline
+from polyrot.experiments.claims import (
+    FAIL,
+    MISSING,
+    PASS,
+    ClaimError,
+    evaluate,
+    failed_required,
+    parse_claim,
+    render_text,
+)
 
 METRICS = {
     "audit": {"resid_mid_0.s1.sae_raw_ev": -3.0, "resid_mid_0.s2.sae_raw_ev": -1.0, "resid_post_1.s1.sae_raw_ev": 0.2,

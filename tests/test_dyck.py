@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from polyrot import dyck
-from polyrot.dyck import BOS, EOS, PAD, Batch, BatchSpec
+from polyrot.toy import dyck, task
+from polyrot.toy.dyck import Batch, make_batch
+from polyrot.toy.task import BOS, EOS, PAD, BatchSpec
 
 OPEN = {"(": 3, "[": 5, "{": 7}
 CLOSE = {")": 4, "]": 6, "}": 8}
@@ -18,7 +19,7 @@ def reference_labels(tokens: list[int]) -> tuple[list[int], list[int]]:
     depths, flags = [], []
     for tok in tokens:
         if not invalid and tok in OPEN.values():
-            if len(stack) == dyck.MAX_DEPTH:
+            if len(stack) == task.MAX_DEPTH:
                 invalid = True
             else:
                 stack.append(tok)
@@ -35,7 +36,7 @@ def reference_labels(tokens: list[int]) -> tuple[list[int], list[int]]:
 def framed(text: str) -> list[int]:
     """BOS + brackets + EOS, padded to N_CTX."""
     ids = [BOS] + [CHAR[c] for c in text] + [EOS]
-    return ids + [PAD] * (dyck.N_CTX - len(ids))
+    return ids + [PAD] * (task.N_CTX - len(ids))
 
 
 def assert_matches_reference(batch: Batch):
@@ -47,7 +48,7 @@ def assert_matches_reference(batch: Batch):
 
 
 def content_lengths(batch: Batch) -> torch.Tensor:
-    return ((batch.tokens >= dyck.OPENERS[0]) & (batch.tokens <= dyck.CLOSERS[-1])).sum(1)
+    return ((batch.tokens >= task.OPENERS[0]) & (batch.tokens <= task.CLOSERS[-1])).sum(1)
 
 
 def ends_valid(batch: Batch) -> torch.Tensor:
@@ -71,9 +72,9 @@ def test_labels_match_reference_on_generated_sequences(split, kwargs):
 def test_labels_match_reference_on_arbitrary_token_soup():
     # PAD/BOS/EOS and unused ids mid-sequence must leave the stack alone, wherever they fall.
     gen = torch.Generator().manual_seed(0)
-    soup = torch.randint(0, dyck.VOCAB_SIZE, (300, dyck.N_CTX), generator=gen)
-    brackets = torch.randint(dyck.OPENERS[0], dyck.CLOSERS[-1] + 1, (300, dyck.N_CTX), generator=gen)
-    tokens = torch.where(torch.rand(300, dyck.N_CTX, generator=gen) < 0.7, brackets, soup)
+    soup = torch.randint(0, task.VOCAB_SIZE, (300, task.N_CTX), generator=gen)
+    brackets = torch.randint(task.OPENERS[0], task.CLOSERS[-1] + 1, (300, task.N_CTX), generator=gen)
+    tokens = torch.where(torch.rand(300, task.N_CTX, generator=gen) < 0.7, brackets, soup)
     assert_matches_reference(dyck.label_tokens(tokens))
 
 
@@ -96,7 +97,7 @@ def test_hand_made_edge_cases(text, depth, valid):
     n = len(text) + 2
     assert batch.depth[0, :n].tolist() == depth
     assert batch.valid[0, :n].tolist() == valid
-    assert batch.mask[0].tolist() == [True] * n + [False] * (dyck.N_CTX - n)
+    assert batch.mask[0].tolist() == [True] * n + [False] * (task.N_CTX - n)
     # PAD positions carry the final labels forward; they are masked out of every loss.
     assert (batch.depth[0, n:] == depth[-1]).all() and (batch.valid[0, n:] == valid[-1]).all()
 
@@ -113,13 +114,13 @@ def test_batch_len_select_and_to():
     assert len(picked) == 2 and torch.equal(picked.depth[1], batch.depth[2])
     assert torch.equal(batch.select(slice(0, 4)).valid, batch.valid[:4])
     moved = batch.to("cpu")
-    assert all(torch.equal(getattr(moved, h), getattr(batch, h)) for h in dyck.HEADS)
+    assert all(torch.equal(getattr(moved, h), getattr(batch, h)) for h in task.HEADS)
 
 
-@pytest.mark.parametrize("split", dyck.SPLITS)
+@pytest.mark.parametrize("split", task.SPLITS)
 def test_same_seed_is_bit_identical_and_different_seed_differs(split):
     a, b, c = (dyck.generate(split, 200, seed=s) for s in (5, 5, 6))
-    for name in ("tokens", *dyck.HEADS, "mask"):
+    for name in ("tokens", *task.HEADS, "mask"):
         assert torch.equal(getattr(a, name), getattr(b, name))
     assert not torch.equal(a.tokens, c.tokens)
     from_generator = dyck.generate(split, 200, seed=np.random.default_rng(5))
@@ -154,10 +155,10 @@ def test_length_ranges_are_respected(split, length_range, expected):
 
 def test_compositional_is_one_single_family_nest_among_shallow_pairs():
     batch = dyck.generate("compositional", 1000, seed=4)
-    assert (content_lengths(batch) == dyck.MAX_CONTENT).all()
+    assert (content_lengths(batch) == task.MAX_CONTENT).all()
     assert (batch.valid == 0).all() and (batch.depth[:, -1] == 0).all()
     nest_depth = batch.depth.max(1).values
-    assert set(nest_depth.tolist()) == set(range(3, dyck.MAX_DEPTH + 1))
+    assert set(nest_depth.tolist()) == set(range(3, task.MAX_DEPTH + 1))
     for row, depth in zip(batch.tokens.tolist(), batch.depth.tolist()):
         # Everything above depth 1 belongs to the nest, which must use a single family.
         assert len({(tok - 3) // 2 for tok, d in zip(row, depth) if d >= 2}) == 1
@@ -181,23 +182,24 @@ def test_generate_rejects_bad_arguments(args, kwargs, message):
 
 
 def test_named_specs_are_the_papers_batches():
-    assert dyck.EVAL_SPEC == BatchSpec("eval", 12345, 1024, 2, 48, "train")
-    assert (dyck.SAE_SPEC.name, dyck.SAE_SPEC.seed, dyck.SAE_SPEC.n_sequences) == ("sae", 2026, 4096)
-    batch = dyck.EVAL_SPEC.generate()
+    assert task.EVAL_SPEC == BatchSpec("eval", 12345, 1024, 2, 48, "train")
+    assert (task.SAE_SPEC.name, task.SAE_SPEC.seed, task.SAE_SPEC.n_sequences) == ("sae", 2026, 4096)
+    batch = make_batch(task.EVAL_SPEC)
     lengths = content_lengths(batch)
     assert len(batch) == 1024 and lengths.min() >= 2 and lengths.max() <= 48
-    assert torch.equal(batch.tokens, dyck.EVAL_SPEC.generate().tokens)
+    assert torch.equal(batch.tokens, make_batch(task.EVAL_SPEC).tokens)
 
 
 def test_compositional_spec_ignores_lengths():
     spec = BatchSpec(name="comp", n_sequences=20, min_len=0, max_len=99, split="compositional")
-    assert torch.equal(spec.generate().tokens, dyck.generate("compositional", 20, spec.seed).tokens)
+    assert torch.equal(make_batch(spec).tokens, dyck.generate("compositional", 20, spec.seed).tokens)
 
 
-@pytest.mark.parametrize("spec", [dyck.EVAL_SPEC, dyck.SAE_SPEC, BatchSpec("c", 1, 5, split="compositional")])
+@pytest.mark.parametrize("spec", [task.EVAL_SPEC, task.SAE_SPEC, BatchSpec("c", 1, 5, split="compositional")])
 def test_batch_spec_round_trips_through_params(spec):
     params = spec.as_params()
-    assert params["batch.name"] == spec.name and params["batch.seed"] == spec.seed
+    assert params["batch_name"] == spec.name and params["batch_seed"] == spec.seed
+    assert params["batch_sequences"] == spec.n_sequences  # the stage option's name, not a second form
     assert BatchSpec.from_params(params) == spec
     logged = {f"run.{k}": str(v) for k, v in params.items()} | {"lr": "0.001"}
     assert BatchSpec.from_params(logged, prefix="run.batch") == spec
@@ -206,17 +208,21 @@ def test_batch_spec_round_trips_through_params(spec):
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"batch.seed": "x"}, "bad BatchSpec params"),
-        ({"batch.colour": "red"}, "unknown"),
+        ({"batch_seed": "x"}, "bad BatchSpec params"),
         ({}, "missing"),
     ],
 )
 def test_from_params_rejects_bad_params(params, message):
-    full = dyck.EVAL_SPEC.as_params() | params
+    full = task.EVAL_SPEC.as_params() | params
     if not params:
-        del full["batch.split"]
+        del full["batch_split"]
     with pytest.raises(ValueError, match=message):
         BatchSpec.from_params(full)
+
+
+def test_from_params_ignores_other_params_that_share_the_prefix():
+    # A train_sae run has batch_size (SAE rows per step) beside its batch_* spec.
+    assert BatchSpec.from_params(task.SAE_SPEC.as_params() | {"batch_size": "4096"}) == task.SAE_SPEC
 
 
 @pytest.mark.parametrize(

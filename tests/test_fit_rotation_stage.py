@@ -4,15 +4,22 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from polyrot import registry, tracking
-from polyrot.activations import extract
-from polyrot.dyck import BatchSpec
-from polyrot.model import DyckTransformer, ModelConfig, fold_rmsnorm, rotate_residual, save_model
-from polyrot.rotation import Rotation, haar_rotation
+from polyrot import tracking
+from polyrot.core.rotation import Rotation, haar_rotation
 from polyrot.stages import STAGES
 from polyrot.stages.fit_rotation import TAG_REGISTERED, TAG_SELF_PAIR
 from polyrot.stages.train_seed import NAME as TRAIN_SEED
 from polyrot.stages.train_seed import load_seed
+from polyrot.toy.activations import extract
+from polyrot.toy.model import (
+    DyckTransformer,
+    ModelConfig,
+    fold_rmsnorm,
+    rotate_residual,
+    save_model,
+)
+from polyrot.toy.task import BatchSpec
+from polyrot.tracking import registry
 from tests.conftest import cli, one_line_error
 
 torch.set_num_threads(1)

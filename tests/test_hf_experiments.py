@@ -1,7 +1,9 @@
 """The experiment definitions of the scale test: pythia70m names exactly the paper's models, revisions,
 corpus, sites and sizes, and neox-tiny runs the same stages on seeds trained here."""
 
-from polyrot import hf, pipeline
+from polyrot.experiments import pipeline
+from polyrot.hf import lm
+from polyrot.hf.config import PAPER_CORPUS
 
 PAPER_SITES = ["layer0_resid_pre"] + [f"layer{layer}_resid_post" for layer in range(6)]
 
@@ -18,10 +20,10 @@ def test_pythia70m_names_the_papers_models_revisions_corpus_sites_and_sizes():
         assert seeds == {f"EleutherAI/pythia-70m-seed{seed}" for seed in range(1, 10)}
         for node, p in acts.items():
             assert (p["corpus"], p["split"], p["sequences"], p["tokens"], p["corpus_seed"]) == \
-                (hf.PAPER_CORPUS, "train", "256", "256", "2026"), node
+                (PAPER_CORPUS, "train", "256", "256", "2026"), node
             assert p["revision"] == ("step3000" if node == "acts1-step3000" else "step143000"), node
             if node != "acts1-step3000":
-                assert p["sites"].split(",") == PAPER_SITES == hf.site_names(6)
+                assert p["sites"].split(",") == PAPER_SITES == lm.site_names(6)
         assert acts["acts1-step3000"]["model"] == "EleutherAI/pythia-70m-seed1"
 
         saes = nodes_of(exp, "train_sae")

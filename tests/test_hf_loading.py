@@ -1,4 +1,4 @@
-"""polyrot.hf and polyrot.neox: a tiny GPT-NeoX seed stored as a hub cache resolves by revision offline,
+"""polyrot.hf and polyrot.hf.neox: a tiny GPT-NeoX seed stored as a hub cache resolves by revision offline,
 hidden states sit at the right sites, corpus samples are seeded, and bad input is refused."""
 
 import os
@@ -6,13 +6,14 @@ import os
 import pytest
 import torch
 
-from polyrot import hf, neox
 from polyrot.errors import HubResolutionError, ParameterError, UnknownSiteError
+from polyrot.hf import lm, neox
+from polyrot.hf.config import PAPER_CORPUS, NeoxRecipe
 
 torch.set_num_threads(1)
 
 REPO = "polyrot/neox-test-seed0"
-RECIPE = neox.NeoxRecipe(d_model=32, n_layers=2, n_heads=4, d_mlp=64, vocab_size=300, seq_len=32, batch_size=8,
+RECIPE = NeoxRecipe(d_model=32, n_layers=2, n_heads=4, d_mlp=64, vocab_size=300, seq_len=32, batch_size=8,
                          steps=30, warmup=5)
 
 
@@ -59,9 +60,9 @@ def test_two_revisions_resolve_offline_to_different_weights(hub):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     assert sorted((neox.repo_dir(cache, REPO) / "refs").iterdir()) == \
         sorted(neox.repo_dir(cache, REPO) / "refs" / r for r in ("main", "step0", "step30"))
-    first, tokenizer = hf.load_causal_lm(REPO, "step0", cache)
-    last, _ = hf.load_causal_lm(REPO, "step30", cache)
-    main, _ = hf.load_causal_lm(REPO, None, cache)
+    first, tokenizer = lm.load_causal_lm(REPO, "step0", cache)
+    last, _ = lm.load_causal_lm(REPO, "step30", cache)
+    main, _ = lm.load_causal_lm(REPO, None, cache)
     w = {name: m.gpt_neox.embed_in.weight for name, m in (("first", first), ("last", last), ("main", main))}
     assert not torch.equal(w["first"], w["last"]) and torch.equal(w["last"], w["main"])
     # step0 is the initialisation: N(0, 0.02^2) embeddings.
@@ -71,9 +72,9 @@ def test_two_revisions_resolve_offline_to_different_weights(hub):
 
 def test_hidden_states_are_the_embedding_and_each_blocks_output(hub, corpus):
     cache, _, _ = hub
-    model, tokenizer = hf.load_causal_lm(REPO, "step30", cache)
-    tokens = hf.sample_corpus(str(corpus), tokenizer, 4, 16, seed=1)
-    acts = hf.hidden_states(model, tokens, hf.site_names(2), batch_size=3, progress=False)
+    model, tokenizer = lm.load_causal_lm(REPO, "step30", cache)
+    tokens = lm.sample_corpus(str(corpus), tokenizer, 4, 16, seed=1)
+    acts = lm.hidden_states(model, tokens, lm.site_names(2), batch_size=3, progress=False)
     assert list(acts) == ["layer0_resid_pre", "layer0_resid_post", "layer1_resid_post"]
     assert all(a.shape == (64, 32) and a.dtype == torch.float32 for a in acts.values())
     blocks = {}
@@ -91,33 +92,33 @@ def test_hidden_states_are_the_embedding_and_each_blocks_output(hub, corpus):
 
 def test_corpus_samples_are_seeded_and_packed(hub, corpus):
     _, tokenizer, _ = hub
-    a = hf.sample_corpus(str(corpus), tokenizer, 8, 24, seed=5)
-    assert torch.equal(a, hf.sample_corpus(str(corpus), tokenizer, 8, 24, seed=5))
-    assert not torch.equal(a, hf.sample_corpus(str(corpus), tokenizer, 8, 24, seed=6))
+    a = lm.sample_corpus(str(corpus), tokenizer, 8, 24, seed=5)
+    assert torch.equal(a, lm.sample_corpus(str(corpus), tokenizer, 8, 24, seed=5))
+    assert not torch.equal(a, lm.sample_corpus(str(corpus), tokenizer, 8, 24, seed=6))
     assert a.shape == (8, 24) and int((a == tokenizer.eos_token_id).sum()) >= 1
     with pytest.raises(ParameterError, match="fewer than"):
-        hf.sample_corpus(str(corpus), tokenizer, 10_000, 64, seed=5)
+        lm.sample_corpus(str(corpus), tokenizer, 10_000, 64, seed=5)
 
 
 def test_sites_beyond_the_depth_and_unknown_names_are_refused():
-    assert hf.site_names(6) == ["layer0_resid_pre"] + [f"layer{i}_resid_post" for i in range(6)]
-    assert hf.resolve_site("layer3_resid_pre", 6) == "layer2_resid_post"
+    assert lm.site_names(6) == ["layer0_resid_pre"] + [f"layer{i}_resid_post" for i in range(6)]
+    assert lm.resolve_site("layer3_resid_pre", 6) == "layer2_resid_post"
     with pytest.raises(UnknownSiteError, match="beyond the model's depth: it has 6 layers"):
-        hf.resolve_site("layer6_resid_post", 6)
+        lm.resolve_site("layer6_resid_post", 6)
     with pytest.raises(UnknownSiteError, match="unknown site"):
-        hf.resolve_site("resid_mid_0", 6)
+        lm.resolve_site("resid_mid_0", 6)
 
 
 def test_unresolvable_models_and_revisions_say_so(hub, tmp_path):
     cache, _, _ = hub
     with pytest.raises(HubResolutionError, match="cannot be resolved offline .* pass a local path"):
-        hf.load_causal_lm("EleutherAI/pythia-70m-seed1", "step143000", tmp_path)
+        lm.load_causal_lm("EleutherAI/pythia-70m-seed1", "step143000", tmp_path)
     with pytest.raises(HubResolutionError, match="no revision 'step999' .* cached revisions: main, step0, step30"):
-        hf.load_causal_lm(REPO, "step999", cache)
+        lm.load_causal_lm(REPO, "step999", cache)
     snapshot = next((neox.repo_dir(cache, REPO) / "snapshots").iterdir())
-    model, _ = hf.load_causal_lm(str(snapshot))
+    model, _ = lm.load_causal_lm(str(snapshot))
     assert model.config.num_hidden_layers == 2
     with pytest.raises(ParameterError, match="is a local folder.*ignores a revision"):
-        hf.load_causal_lm(str(snapshot), "step0")
+        lm.load_causal_lm(str(snapshot), "step0")
     with pytest.raises(HubResolutionError, match="cannot be streamed offline"):
-        hf.sample_corpus(hf.PAPER_CORPUS, hub[1], 1, 8)
+        lm.sample_corpus(PAPER_CORPUS, hub[1], 1, 8)

@@ -8,7 +8,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from polyrot import hf, neox, tracking
+from polyrot import tracking
+from polyrot.hf import lm, neox
 from polyrot.stages import STAGES
 from tests.conftest import cli, one_line_error
 
@@ -131,9 +132,9 @@ def test_hub_cache_revisions_of_a_run_resolve_through_hf(seeds):
     from polyrot.stages.train_neox import fetch_revision
 
     repo, cache = fetch_revision(seeds[2], "step20")
-    assert repo == "polyrot/neox-tiny-seed2" and hf.cached_revisions(repo, cache) == ["step20"]
-    model, _ = hf.load_causal_lm(repo, "step20", cache)
-    assert hf.n_layers(model) == 2
+    assert repo == "polyrot/neox-tiny-seed2" and lm.cached_revisions(repo, cache) == ["step20"]
+    model, _ = lm.load_causal_lm(repo, "step20", cache)
+    assert lm.n_layers(model) == 2
 
 
 def test_ig_tracks_block_ablations_and_ap_does_not(seeds):
@@ -170,7 +171,7 @@ def test_steering_vectors_from_the_shipped_sentence_sets_transfer_across_seeds(a
 
 
 def test_fit_rotation_registers_rotations_between_hf_activations_runs(acts):
-    from polyrot import registry
+    from polyrot.tracking import registry
 
     run_id = STAGES["fit_rotation"](source=acts[1], target=acts[2], sites="layer1_resid_post", experiment=EXPERIMENT)
     run = MlflowClient().get_run(run_id)

@@ -6,10 +6,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from polyrot import lenses, tracking
-from polyrot.dyck import BatchSpec
-from polyrot.model import DyckTransformer
+from polyrot import tracking
 from polyrot.stages import STAGES
+from polyrot.toy import lenses
+from polyrot.toy.dyck import make_batch
+from polyrot.toy.model import DyckTransformer
+from polyrot.toy.task import BatchSpec
 from tests.conftest import cli, one_line_error
 
 torch.set_num_threads(1)
@@ -46,7 +48,7 @@ def test_activation_patterns_count_distinct_firing_sets_and_alive_neurons(model)
     silenced.load_state_dict(model.state_dict())
     with torch.no_grad():
         silenced.blocks[1].mlp.W_in[:10].zero_()  # ten neurons of layer 1 can never fire
-    batch = BatchSpec("lens4", seed=1, n_sequences=40, max_len=12).generate()
+    batch = make_batch(BatchSpec("lens4", seed=1, n_sequences=40, max_len=12))
     table = lenses.activation_patterns(silenced, batch, chunk=16)
     _, cache = silenced.run(batch.tokens, sites=["mlp_pre_0", "mlp_pre_1"])
     for layer in range(2):

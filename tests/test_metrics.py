@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from polyrot.metrics import (
+from polyrot.core.metrics import (
     dead_fraction,
     decoder_cosine,
     explained_variance,

@@ -2,9 +2,9 @@ import pytest
 import torch
 from scipy.stats import ortho_group
 
-from polyrot import dyck
 from polyrot.errors import UnknownSiteError
-from polyrot.model import (
+from polyrot.toy import dyck
+from polyrot.toy.model import (
     DyckTransformer,
     ModelConfig,
     count_parameters,

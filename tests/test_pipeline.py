@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from polyrot import pipeline, tracking
+from polyrot import tracking
 from polyrot.errors import PolyrotError
+from polyrot.experiments import pipeline
 from polyrot.stages import STAGES
 
 TINY = "max_steps: 40, eval_every: 20, checkpoint_every: 20, batch_size: 32, eval_sequences: 64, confirm_sequences: 64"

@@ -17,10 +17,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from polyrot import registry, tracking
+from polyrot import tracking
+from polyrot.core.rotation import Rotation
 from polyrot.errors import ArtifactCorruptError, ParameterError
-from polyrot.rotation import Rotation
 from polyrot.stages import STAGES
+from polyrot.tracking import registry
 from tests.test_fit_rotation_stage import rotated_copy_runs
 
 torch.set_num_threads(1)
@@ -59,7 +60,7 @@ def python(code: str, **env: str) -> str:
 
 def test_load_rotation_in_a_fresh_process_is_bitwise_the_logged_tensor(fits, store, tmp_path):
     out = tmp_path / "loaded.safetensors"
-    python(f"from polyrot.registry import load_rotation\n"
+    python(f"from polyrot.tracking.registry import load_rotation\n"
            f"load_rotation({NAME!r}, alias='s0-to-s0').save({str(out)!r})", POLYROT_HOME=str(store))
     loaded, expected = load_file(out), logged(fits["again"])
     assert all(torch.equal(loaded[k], expected[k]) for k in ("R", "mu_src", "mu_tgt"))
@@ -168,7 +169,7 @@ def test_load_and_list_through_a_tracking_server(fits, server, tmp_path):
             assert time.time() < deadline and process.poll() is None, "the MLflow server did not come up"
             time.sleep(0.5)
     out = tmp_path / "served.safetensors"
-    code = ("from polyrot.registry import list_rotations, load_rotation\n"
+    code = ("from polyrot.tracking.registry import list_rotations, load_rotation\n"
             f"load_rotation({NAME!r}, alias='reverse').save({str(out)!r})\n"
             f"print(len(list_rotations(experiment={EXPERIMENT!r})))")
     listed = python(code, MLFLOW_TRACKING_URI=url)

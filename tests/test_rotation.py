@@ -6,8 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from polyrot.errors import ArtifactCorruptError
-from polyrot.rotation import (
+from polyrot.core.rotation import (
     Rotation,
     determinant,
     eigen_angles,
@@ -26,6 +25,7 @@ from polyrot.rotation import (
     small_angle_rotation,
     transfer_sae,
 )
+from polyrot.errors import ArtifactCorruptError
 
 D = 64
 
@@ -212,7 +212,7 @@ class StandInConfig:
 
 
 class StandInSAE(torch.nn.Module):
-    """Exactly the interface transfer_sae relies on, so this test does not depend on polyrot.sae."""
+    """Exactly the interface transfer_sae relies on, so this test does not depend on polyrot.core.sae."""
 
     def __init__(self, d_in, d_sae, seed):
         super().__init__()

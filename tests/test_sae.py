@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from polyrot.metrics import decoder_cosine, explained_variance
-from polyrot.sae import (
+from polyrot.core.metrics import decoder_cosine, explained_variance
+from polyrot.core.sae import (
     SAEConfig,
     SparseAutoencoder,
     evaluate_sae,
@@ -20,7 +20,6 @@ from polyrot.sae import (
 # The recipe that recovers the planted dictionary below: l1 large enough that
 # L0 falls to a few latents per row, 4x more latents than planted features.
 PLANTED = dict(d_in=32, expansion=4, l1=1e-2, lr=3e-3, batch_size=512, steps=1500, eval_every=250)
-
 
 
 def planted_codes(n=20000, n_features=64, seed=0):

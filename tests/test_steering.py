@@ -10,13 +10,13 @@ from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
 from polyrot import tracking
-from polyrot.activations import condition_rows, extract
-from polyrot.dyck import BatchSpec
-from polyrot.model import fold_rmsnorm, rotate_residual
-from polyrot.rotation import haar_rotation
+from polyrot.core.rotation import haar_rotation
 from polyrot.stages import STAGES
 from polyrot.stages.train_seed import load_seed
-from polyrot.steering import (
+from polyrot.toy.activations import condition_rows, extract
+from polyrot.toy.dyck import make_batch
+from polyrot.toy.model import fold_rmsnorm, rotate_residual
+from polyrot.toy.steering import (
     NEGLIGIBLE,
     diff_of_means,
     dose_multiple,
@@ -27,8 +27,8 @@ from polyrot.steering import (
     toy_vectors,
     transfer_ratio,
 )
-from tests.conftest import TINY_TRAIN
-from tests.conftest import cli, one_line_error
+from polyrot.toy.task import BatchSpec
+from tests.conftest import TINY_TRAIN, cli, one_line_error
 from tests.test_fit_rotation_stage import rotated_copy_runs
 
 torch.set_num_threads(1)
@@ -93,7 +93,7 @@ def folded_pair(seed_run):
 
 @pytest.fixture(scope="module")
 def small_batch():
-    return BatchSpec(n_sequences=64).generate()
+    return make_batch(BatchSpec(n_sequences=64))
 
 
 def test_alpha_zero_leaves_logits_unchanged(folded_pair, small_batch):

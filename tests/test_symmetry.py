@@ -6,10 +6,15 @@ import pytest
 import torch
 from scipy.stats import ortho_group
 
-from polyrot import dyck
 from polyrot.errors import ParameterError
-from polyrot.model import DyckTransformer, ModelConfig, fold_rmsnorm, rotate_residual
-from polyrot.symmetry import (
+from polyrot.toy import dyck, task
+from polyrot.toy.model import (
+    DyckTransformer,
+    ModelConfig,
+    fold_rmsnorm,
+    rotate_residual,
+)
+from polyrot.toy.symmetry import (
     activation_sites,
     align,
     cayley,
@@ -129,7 +134,7 @@ def test_cayley_never_worsens_the_baseline_even_for_activation_losses(strangers,
     sites = activation_sites(strangers[1].cfg)
     with torch.no_grad():
         _, theirs = fold_rmsnorm(strangers[1]).run_with_cache(tokens, sites)
-    mask = tokens != dyck.PAD
+    mask = tokens != task.PAD
     for lam in (0.0, 10.0):
         a = align(*strangers, **QUICK, lam=lam, tokens=tokens)
         assert a.max_mse <= a.baseline_max_mse * (1 + 1e-6), lam

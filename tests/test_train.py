@@ -1,12 +1,11 @@
 import pytest
 import torch
 
-from polyrot.device import resolve_device
+from polyrot.core.device import resolve_device
 from polyrot.errors import ParameterError
-from polyrot.train import (
-    PAPER,
+from polyrot.toy.recipe import PAPER, TrainConfig
+from polyrot.toy.train import (
     EvalSets,
-    TrainConfig,
     checkpoint_payload,
     evaluate,
     learning_rate,

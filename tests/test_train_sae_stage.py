@@ -12,19 +12,19 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from polyrot import tracking
-from polyrot.dyck import BatchSpec
+from polyrot.core.sae import evaluate_sae
 from polyrot.errors import WrongStageError
-from polyrot.sae import evaluate_sae
 from polyrot.stages import STAGES
 from polyrot.stages.activations import site_activations
 from polyrot.stages.train_sae import load_trained_sae, sae_runs
+from polyrot.toy.dyck import make_batch
+from polyrot.toy.task import BatchSpec
 from tests.conftest import cli, one_line_error
 
 EXPERIMENT = "tests-sae"
 TINY_SAE = dict(steps=50, batch_size=256, eval_every=25, batch_sequences=300, heldout_sequences=128, threads=1)
 TRAIN_SPEC = BatchSpec(name="sae", seed=2026, n_sequences=300)
 HELDOUT_SPEC = BatchSpec(n_sequences=128)
-
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_a_run_records_the_sae_its_config_and_its_metrics(sae_run, seed_run):
     assert tags["polyrot.site"] == "resid_mid_1" and "polyrot.group" not in tags
     assert BatchSpec.from_params(params) == TRAIN_SPEC and BatchSpec.from_params(params, "heldout") == HELDOUT_SPEC
     assert params["expansion"] == "8" and params["d_sae"] == "512" and params["target_site"] == ""
-    assert int(params["n_rows"]) == int(TRAIN_SPEC.generate().mask.sum())
+    assert int(params["n_rows"]) == int(make_batch(TRAIN_SPEC).mask.sum())
 
     artifacts = tracking.artifact_dir(sae_run)
     for path in ("sae.safetensors", "cfg.json"):

@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from polyrot import tracking
-from polyrot.model import SHARED_IO
 from polyrot.stages import STAGES
 from polyrot.stages.train_seed import load_seed
+from polyrot.toy.model import SHARED_IO
 from tests.conftest import TINY_TRAIN, cli, one_line_error
 
 BIN = Path(sys.executable).parent

@@ -4,7 +4,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from polyrot import tracking
-from polyrot.pipeline import PROJECTS
+from polyrot.experiments.pipeline import PROJECTS
 from tests.conftest import cli, one_line_error
 
 

@@ -5,8 +5,8 @@ Artifacts (the contract later stages read):
                             (float32, or float16 with --float16)
   rows.safetensors          per-row labels: token, depth, valid, position (int64, [n_rows])
 
-Rows follow `polyrot.activations`' order (non-PAD positions, sequence-major), so two models' files
-on the same spec align row by row. The spec is logged as `batch.*` params, which is all a later
+Rows follow `polyrot.toy.activations`' order (non-PAD positions, sequence-major), so two models' files
+on the same spec align row by row. The spec is the run's `batch_*` params, which is all a later
 stage needs to regenerate the batch, and `site_activations` recomputes the same tensors on the fly
 from the model run, so a stage may take either route: with float32 storage both are bit-identical.
 """
@@ -19,24 +19,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from polyrot import tracking
-from polyrot.activations import condition_rows, extract
-from polyrot.dyck import EVAL_SPEC, BatchSpec
 from polyrot.errors import ParameterError
-from polyrot.model import ModelConfig, resolve_site
-from polyrot.stages.base import REQUIRED, Option, Stage, batch_options, batch_spec, non_negative
+from polyrot.stages import specs
+from polyrot.stages.base import (
+    batch_spec,
+)
 from polyrot.stages.train_seed import load_seed
+from polyrot.toy.activations import condition_rows, extract
+from polyrot.toy.dyck import make_batch
+from polyrot.toy.model import ModelConfig, resolve_site
+from polyrot.toy.task import BatchSpec
 
-NAME = "activations"
+STAGE = specs.ACTIVATIONS
+NAME = STAGE.name
 ACTIVATIONS_FILE = "activations.safetensors"
 ROWS_FILE = "rows.safetensors"
-
-OPTIONS = (
-    Option("model_run", str, REQUIRED, "train_seed run ID whose model is run"),
-    Option("sites", str, REQUIRED, "comma-separated sites, e.g. resid_mid_0,resid_mid_1"),
-    *batch_options(EVAL_SPEC),
-    Option("float16", bool, False, "store float16 (half the size; no longer bit-identical to recomputing)"),
-    Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative),
-)
 
 
 def parse_sites(names: Iterable[str], cfg: ModelConfig) -> list[str]:
@@ -54,7 +51,7 @@ def run(params: dict) -> str:
     sites = parse_sites(params["sites"].split(","), model.cfg)
     if params["threads"]:
         torch.set_num_threads(params["threads"])
-    batch = spec.generate()
+    batch = make_batch(spec)
     acts = extract(model, batch, sites)
     dtype = "float16" if params["float16"] else "float32"
     n_rows = len(next(iter(acts.values())))
@@ -62,7 +59,7 @@ def run(params: dict) -> str:
     with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
                             upstream={"model": params["model_run"]}, parent_run_id=params["parent_run"],
                             run_name=f"activations-{spec.name}") as run:
-        run.log_params({**spec.as_params(), "dtype": dtype,
+        run.log_params({"dtype": dtype,
                         **{f"d.{site}": a.shape[1] for site, a in acts.items()}})
         save_file({site: a.to(getattr(torch, dtype)).contiguous() for site, a in acts.items()},
                   run.path(ACTIVATIONS_FILE))
@@ -71,10 +68,6 @@ def run(params: dict) -> str:
         run.log_artifact(ROWS_FILE)
         run.log_metrics({"n_rows": n_rows, "n_sequences": len(batch)})
         return run.run_id
-
-
-STAGE = Stage(NAME, "Extract a model's activations at named sites on a batch spec and store them.", OPTIONS, run,
-              code_version="1")
 
 
 def load_activations(run_id: str) -> tuple[dict[str, torch.Tensor], BatchSpec, str]:
@@ -89,7 +82,7 @@ def load_activations(run_id: str) -> tuple[dict[str, torch.Tensor], BatchSpec, s
 
 
 def load_rows(run_id: str) -> dict[str, torch.Tensor]:
-    """The per-row labels of an activations run (see `polyrot.activations.condition_rows`)."""
+    """The per-row labels of an activations run (see `polyrot.toy.activations.condition_rows`)."""
     return load_file(tracking.fetch_artifact(run_id, ROWS_FILE, stage=NAME))
 
 

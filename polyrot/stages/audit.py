@@ -17,9 +17,9 @@ evaluation batch), one row of audit.csv:
                                 basis (what the paper reports) and mapped into the source frame;
                                 max_*: each target feature's best match (the paper's code),
                                 hungarian_*: one-to-one matching (the paper's text)
-  rotation_ev, identity_ev,     activation-level fit quality (polyrot.rotation.fit_quality): the
+  rotation_ev, identity_ev,     activation-level fit quality (polyrot.core.rotation.fit_quality): the
   raw_ev                        fraction of the source's variance the mapped target explains
-  frob_ratio, ks_pvalue, ...    polyrot.rotation.rotation_statistics of R
+  frob_ratio, ks_pvalue, ...    polyrot.core.rotation.rotation_statistics of R
 
 Rotations are fit here, on the audited batch, rather than fetched from fit_rotation runs: the audit
 needs both activation sets anyway, a fit costs milliseconds at d = 64, and the numbers then
@@ -28,7 +28,7 @@ describe exactly the rotation that was applied.
 Null control (--null A,B): two untrained models with the source's config, built in memory from
 DyckTransformer(seed=A) and (seed=B) (at initialisation every RMSNorm gain is 1: they are already
 folded), get the same rows with kind=untrained. Their SAEs are trained here, on the untrained source's
-activations on dyck.SAE_SPEC, with the source SAE's config at each site (--null-sae-steps
+activations on task.SAE_SPEC, with the source SAE's config at each site (--null-sae-steps
 overrides its steps); there is no SAE of the untrained target, so no decoder cosine.
 
 Cross-checkpoint (--target-checkpoints): every target run is audited at each named checkpoint
@@ -71,48 +71,45 @@ import numpy as np
 import pandas as pd
 import torch
 
-from polyrot import figures, hf, tracking
-from polyrot.activations import extract
-from polyrot.dyck import EVAL_SPEC, SAE_SPEC
+from polyrot import tracking
+from polyrot.core.metrics import decoder_cosine, firing_correlation, firing_summary
+from polyrot.core.rotation import (
+    Rotation,
+    eigen_angles,
+    fit_rotation,
+    haar_angles,
+    pooled_statistics,
+    rotation_statistics,
+)
+from polyrot.core.sae import SAEConfig, SparseAutoencoder, evaluate_sae, train_sae
 from polyrot.errors import LineageError, ParameterError
-from polyrot.metrics import decoder_cosine, firing_correlation, firing_summary
-from polyrot.model import DyckTransformer, site_names
-from polyrot.rotation import Rotation, eigen_angles, fit_rotation, haar_angles, pooled_statistics, rotation_statistics
-from polyrot.sae import SAEConfig, SparseAutoencoder, evaluate_sae, train_sae
-from polyrot.stages.base import REQUIRED, Option, Stage, batch_options, batch_spec, non_negative, positive
+from polyrot.figures.audit import checkpoint_curve, eigen_angle_histogram, ev_by_site
+from polyrot.hf import lm
+from polyrot.stages import specs
+from polyrot.stages.base import (
+    batch_spec,
+)
 from polyrot.stages.fit_rotation import FIT_QUALITY, check_same_d_model, seed_of
 from polyrot.stages.hf_activations import is_hf_run, load_hf_activations
 from polyrot.stages.train_sae import load_trained_sae, sae_runs
 from polyrot.stages.train_seed import NAME as TRAIN_SEED
-from polyrot.stages.train_seed import CHECKPOINT, load_seed
+from polyrot.stages.train_seed import load_seed
+from polyrot.toy.activations import extract
+from polyrot.toy.dyck import make_batch
+from polyrot.toy.model import DyckTransformer, site_names
+from polyrot.toy.task import EVAL_SPEC, SAE_SPEC
 
-NAME = "audit"
+STAGE = specs.AUDIT
+NAME = STAGE.name
 # Not "null": pandas reads that back from a CSV as NaN.
 TRAINED, UNTRAINED = "trained", "untrained"
 EMBEDDING_SITE = "resid_pre_0"
-# The embedding sites of both model families (polyrot.model, polyrot.hf).
+# The embedding sites of both model families (polyrot.toy.model, polyrot.hf).
 EMBEDDING_SITES = (EMBEDDING_SITE, "layer0_resid_pre")
 # Haar reference of the pooled KS test and of figure 2: the paper's 10 draws, rng 31.
 N_HAAR, HAAR_SEED = 10, 31
 FINAL = "final"
 DECODER_KEYS = ("max_mean", "max_frac_above", "hungarian_mean", "hungarian_frac_above")
-
-OPTIONS = (
-    Option("source", str, REQUIRED, "train_seed run ID of the source model"),
-    Option("saes", str, REQUIRED, "comma-separated train_sae run IDs on the source model, one per site "
-           "(a multi-site group run stands for its children)"),
-    Option("targets", str, REQUIRED, "comma-separated train_seed run IDs of the target models"),
-    Option("target_saes", str, None, "train_sae run IDs on target models (groups too), for decoder cosine"),
-    Option("null", str, None, "'A,B': seeds of two untrained models audited beside the trained pairs"),
-    Option("null_sae_steps", int, None, "steps of the untrained source's SAEs; default: the source SAE's",
-           check=positive),
-    Option("gaussian_seed", int, 7, "seed of the Gaussian baseline samples"),
-    *batch_options(EVAL_SPEC),
-    CHECKPOINT,
-    Option("target_checkpoints", str, None, "comma-separated checkpoints of the targets to audit (final: the "
-           "final weights), each against the source; default: --checkpoint"),
-    Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative),
-)
 
 
 def parse_run_ids(raw: str, flag: str) -> list[str]:
@@ -259,12 +256,12 @@ def _log_results(run, table: pd.DataFrame, rotations: dict[str, list[Rotation]],
         run.log_artifact("summary.csv")
         run.log_metrics({f"separates.{q}": float(s) for q, s in zip(summary["quantity"], summary["separates"])})
 
-    run.log_figure("fig1_ev_by_site.png", figures.ev_by_site(table[table["kind"] == TRAINED]))
+    run.log_figure("fig1_ev_by_site.png", ev_by_site(table[table["kind"] == TRAINED]))
     if checkpoints:
-        run.log_figure("fig_cross_checkpoint.png", figures.checkpoint_curve(table[table["kind"] == TRAINED]))
+        run.log_figure("fig_cross_checkpoint.png", checkpoint_curve(table[table["kind"] == TRAINED]))
     angles = {kind: np.concatenate([eigen_angles(r.R) for r in found]) for kind, found in pooled.items()}
     ks = {"statistic": statistics[TRAINED]["ks_statistic"], "pvalue": statistics[TRAINED]["ks_pvalue"]}
-    run.log_figure("fig2_eigen_angles.png", figures.eigen_angle_histogram(
+    run.log_figure("fig2_eigen_angles.png", eigen_angle_histogram(
         angles[TRAINED], haar_angles(d_model, N_HAAR, HAAR_SEED), ks, angles.get(UNTRAINED)))
 
 
@@ -292,7 +289,7 @@ def _run_hf(params: dict) -> str:
         raise ParameterError("--batch-* describe a Dyck batch; hf_activations runs bring their own rows")
     acts_src, info = load_hf_activations(source)
     found = _saes(params["saes"], "--saes", {source: info["d_model"]})
-    saes = {site: found[source, site] for site in hf.site_names(info["n_layers"]) if (source, site) in found}
+    saes = {site: found[source, site] for site in lm.site_names(info["n_layers"]) if (source, site) in found}
     targets = {}
     for rid in parse_run_ids(params["targets"], "--targets"):
         acts, target_info = load_hf_activations(rid)
@@ -378,8 +375,7 @@ def run(params: dict) -> str:
                             upstream={"source": source, **{f"target.{run_labels[rid]}": rid for rid in target_runs}},
                             parent_run_id=params["parent_run"], run_name=f"audit-s{source_seed}",
                             tags={"polyrot.source_seed": source_seed}) as run:
-        run.log_params(spec.as_params())
-        batch = spec.generate()
+        batch = make_batch(spec)
         acts_src = extract(source_model, batch, sites)
         rows, rotations = [], {TRAINED: [], UNTRAINED: []}
         for label, rid, target_checkpoint, model in targets:
@@ -410,7 +406,3 @@ def run(params: dict) -> str:
         _log_results(run, pd.DataFrame(rows), rotations, source_model.cfg.d_model, null=bool(null_seeds),
                      checkpoints=bool(checkpoints))
         return run.run_id
-
-
-STAGE = Stage(NAME, "Audit how a seed's SAEs transfer to other seeds, raw and rotated, beside an untrained pair.",
-              OPTIONS, run, code_version="1")

@@ -2,13 +2,13 @@
 
 For every run in --models (the reference itself may be one of them: a self pair):
 
-  Bar B    KL(spec || model) on --samples sequences (polyrot.behavioural.bar_b), per head, per split
+  Bar B    KL(spec || model) on --samples sequences (polyrot.toy.behavioural.bar_b), per head, per split
   Bar P    max per-tensor weight MSE after aligning the model to the reference under the symmetry
-           group (polyrot.symmetry.align: multi-start coordinate descent, then Cayley refinement)
+           group (polyrot.toy.symmetry.align: multi-start coordinate descent, then Cayley refinement)
   Bar C    Pearson r of IG and of AP predictions against measured mean-ablation effects of the
-           10 components (polyrot.causal, batches C_MEANS / C_EVAL)
+           10 components (polyrot.toy.causal, batches C_MEANS / C_EVAL)
   Bar Pr   Pearson r of IG predictions against measured ablation losses (PR_MEANS / PR_EVAL)
-  cross    Bar B = KL(reference || aligned model), float64 (behavioural.CROSS_SPEC); Bar C = Pearson r
+  cross    Bar B = KL(reference || aligned model), float64 (task.CROSS_SPEC); Bar C = Pearson r
            of the reference's IG (CROSS_MEANS / CROSS_EVAL) against the effects measured on the
            aligned model. Cross-seed Bar Pr is the same measurement (paper §7), logged under both names.
 
@@ -38,7 +38,7 @@ Artifacts:
   effects.csv         per model x bar (bar_c, bar_pr, cross) x component: measured effect, IG and AP
                       predictions (cross: the reference's IG against the aligned model's measured)
   joint.csv           per model x lambda (with --lambdas)
-  aligned/<m>/model.safetensors + config.json   the aligned, folded model (polyrot.model.load_model)
+  aligned/<m>/model.safetensors + config.json   the aligned, folded model (polyrot.toy.model.load_model)
   fig_ig_vs_ap.png    per model, IG and AP predictions against the measured effects (Bar C batch)
 """
 
@@ -52,44 +52,28 @@ import numpy as np
 import pandas as pd
 import torch
 
-from polyrot import behavioural, causal, figures, symmetry, tracking
-from polyrot.dyck import BatchSpec
+from polyrot import tracking
+from polyrot.core.attribution import pearson
 from polyrot.errors import ParameterError
-from polyrot.model import fold_rmsnorm, save_model
+from polyrot.figures.bars import ig_vs_ap
+from polyrot.stages import specs
 from polyrot.stages.audit import parse_run_ids, seed_labels
-from polyrot.stages.base import REQUIRED, Option, Stage, non_negative, parse_numbers, positive
+from polyrot.stages.base import (
+    parse_numbers,
+)
 from polyrot.stages.fit_rotation import seed_of
-from polyrot.stages.train_seed import CHECKPOINT, load_seed
 from polyrot.stages.train_seed import NAME as TRAIN_SEED
+from polyrot.stages.train_seed import load_seed
+from polyrot.toy import behavioural, causal, symmetry, task
+from polyrot.toy.dyck import make_batch
+from polyrot.toy.model import fold_rmsnorm, save_model
+from polyrot.toy.task import BatchSpec
 
-NAME = "bars"
-# 16 batches of 2048 (paper: 10^7 sequences): 20–80 s per model on one core of a shared 2-core
-# machine, with a CLT relative error of 9–21% on the Cohort A seeds.
-DEFAULT_SAMPLES = 32768
+STAGE = specs.BARS
+NAME = STAGE.name
 THRESHOLDS = {"bar_b": ("<", behavioural.THRESHOLD), "bar_p": ("<", 1e-3), "bar_c": (">", 0.99),
               "bar_pr": (">", 0.99), "cross.bar_b": ("<", behavioural.THRESHOLD), "cross.bar_c": (">", 0.99),
               "cross.bar_pr": (">", 0.99)}
-# The paper's joint-loss activation batch: 1024 sequences of lengths 2–48, rng 202605200 + seed.
-JOINT_SPEC = BatchSpec("joint", seed=202605200, n_sequences=1024)
-
-OPTIONS = (
-    Option("reference", str, REQUIRED, "train_seed run ID of the primary seed: models are aligned to it and its "
-           "IG predicts their effects"),
-    Option("models", str, REQUIRED, "comma-separated train_seed run IDs to score (may include the reference)"),
-    Option("samples", int, DEFAULT_SAMPLES, "Bar B sequences per model (paper: 10^7)", check=positive),
-    Option("ig_steps", int, causal.IG_STEPS, "integrated-gradients path points", check=positive),
-    Option("eval_sequences", int, causal.C_EVAL.n_sequences, "sequences of each causal evaluation batch",
-           check=positive),
-    Option("means_sequences", int, None, "sequences of each component-means batch; default the paper's "
-           "4096 (C), 2048 (Pr), 1024 (cross)", check=positive),
-    Option("starts", int, 16, "head-permutation starts of the symmetry search", check=positive),
-    Option("outer_iters", int, 6, "coordinate-descent iterations per start", check=positive),
-    Option("cayley_iters", int, 400, "Cayley refinement steps of the residual rotation", check=non_negative),
-    Option("lambdas", str, None, "comma-separated joint-loss weights to sweep (paper: 0,0.1,1,10,100)"),
-    Option("decoy", bool, False, "also score the reference's decoy (depth unembedding rows averaged in pairs)"),
-    CHECKPOINT,
-    Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative),
-)
 
 
 def parse_lambdas(raw: str | None) -> list[float]:
@@ -107,7 +91,7 @@ def check_architecture(reference_run: str, reference, run_id: str, model) -> Non
 def joint_tokens(seed: str):
     """The joint loss's activation batch of a model seed (rng 202605200 + seed, as the paper)."""
     offset = int(seed) if seed.lstrip("-").isdigit() else 0
-    return dataclasses.replace(JOINT_SPEC, seed=JOINT_SPEC.seed + offset).generate().tokens
+    return make_batch(dataclasses.replace(task.JOINT_SPEC, seed=task.JOINT_SPEC.seed + offset)).tokens
 
 
 def passes(bar: str, value: float) -> bool:
@@ -142,19 +126,19 @@ def run(params: dict) -> str:
     if params["threads"]:
         torch.set_num_threads(params["threads"])
     ig_steps, samples = params["ig_steps"], params["samples"]
-    specs = {name: _resized(spec, params["means_sequences"]) for name, spec in
-             (("c_means", causal.C_MEANS), ("pr_means", causal.PR_MEANS), ("cross_means", causal.CROSS_MEANS))}
-    specs |= {name: _resized(spec, params["eval_sequences"]) for name, spec in
-              (("c_eval", causal.C_EVAL), ("pr_eval", causal.PR_EVAL), ("cross_eval", causal.CROSS_EVAL))}
-    batches = {name: spec.generate() for name, spec in specs.items()}
+    batch_specs = {name: _resized(spec, params["means_sequences"]) for name, spec in
+                   (("c_means", task.C_MEANS), ("pr_means", task.PR_MEANS), ("cross_means", task.CROSS_MEANS))}
+    batch_specs |= {name: _resized(spec, params["eval_sequences"]) for name, spec in
+                    (("c_eval", task.C_EVAL), ("pr_eval", task.PR_EVAL), ("cross_eval", task.CROSS_EVAL))}
+    batches = {name: make_batch(spec) for name, spec in batch_specs.items()}
     started = time.perf_counter()
 
     with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
                             upstream={"reference": reference_run, **{f"model.{labels[rid]}": rid for rid in run_ids}},
                             parent_run_id=params["parent_run"], run_name=f"bars-s{reference_seed}",
                             tags={"polyrot.reference_seed": reference_seed}) as run:
-        for name, spec in specs.items():
-            run.log_params(spec.as_params(f"batch.{name}"))
+        for name, spec in batch_specs.items():
+            run.log_params(spec.as_params(f"batch_{name}"))
         times: dict[str, float] = {}
         with timed(times, "time.cross_predictor"):
             reference_means = causal.component_means(reference, batches["cross_means"])
@@ -198,13 +182,13 @@ def run(params: dict) -> str:
                                                 causal.component_means(model, batches[means_spec]),
                                                 ig_steps=ig_steps, ap=ap, progress=True)
                 effect_rows.append(table.assign(model=label, bar=bar))
-                own[f"{bar}.r_ig"] = causal.pearson(table["ig"], table["measured"])
+                own[f"{bar}.r_ig"] = pearson(table["ig"], table["measured"])
                 if ap:
-                    own[f"{bar}.r_ap"] = causal.pearson(table["ap"], table["measured"])
+                    own[f"{bar}.r_ap"] = pearson(table["ap"], table["measured"])
 
             with timed(own, "time.cross_b"):
                 own["cross.bar_b"] = behavioural.model_kl(reference, alignment.model,
-                                                          behavioural.CROSS_SPEC.generate())[0]
+                                                          make_batch(task.CROSS_SPEC))[0]
             with timed(own, "time.cross_c"):
                 aligned = alignment.model
                 _, measured = causal.ablation_effects(aligned, causal.trim(batches["cross_eval"]),
@@ -212,8 +196,8 @@ def run(params: dict) -> str:
             cross = pd.DataFrame({"component": list(measured), "measured": list(measured.values())})
             cross["ig"] = predictor.loc[cross["component"], "ig"].to_numpy()
             effect_rows.append(cross.assign(model=label, bar="cross"))
-            own["cross.bar_c"] = own["cross.bar_pr"] = causal.pearson(cross["ig"], cross["measured"])
-            own["cross.r_measured"] = causal.pearson(predictor.loc[cross["component"], "measured"], cross["measured"])
+            own["cross.bar_c"] = own["cross.bar_pr"] = pearson(cross["ig"], cross["measured"])
+            own["cross.r_measured"] = pearson(predictor.loc[cross["component"], "measured"], cross["measured"])
 
             run.log_metrics({f"{label}.{k}": v for k, v in own.items()})
             run.set_tags({f"polyrot.pass.{label}.{bar}": str(passes(bar, own[key])).lower()
@@ -239,10 +223,6 @@ def run(params: dict) -> str:
         for path, table in tables.items():
             table.to_csv(run.path(path), index=False)
             run.log_artifact(path)
-        run.log_figure("fig_ig_vs_ap.png", figures.ig_vs_ap(effects))
+        run.log_figure("fig_ig_vs_ap.png", ig_vs_ap(effects))
         run.log_metrics({**times, "time.total": time.perf_counter() - started})
         return run.run_id
-
-
-STAGE = Stage(NAME, "Score models on the paper's four bars, within seed and against an aligned reference.",
-              OPTIONS, run, code_version="1")

@@ -1,17 +1,20 @@
-"""One definition of each stage's parameters, read by the click CLI and by the MLproject writer.
+"""What a stage is: a name, a tuple of Options, a code version, and the module whose `run(params)
+-> run_id` does the work.
 
-A stage is a name, a tuple of Options and a `run(params) -> run_id` function. The CLI turns each
-Option into `--option-name`; `polyrot mlproject` turns the same tuple into the MLproject entry
-point whose command calls that CLI, so the two can never drift apart (a test checks the file).
+The CLI turns each Option into `--option-name`; `polyrot mlproject` turns the same tuple into the
+MLproject entry point whose command calls that CLI, so the two can never drift apart (a test
+checks the file). The specifications themselves live in polyrot.stages.specs; this module and
+that one stay free of torch and mlflow, and a stage's module is imported only when it runs.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from polyrot.dyck import SPLITS, BatchSpec
 from polyrot.errors import ParameterError
+from polyrot.toy.task import PARAM_SUFFIX, SPLITS, BatchSpec
 
 REQUIRED = object()
 
@@ -89,10 +92,15 @@ class Stage:
     name: str
     help: str
     options: tuple[Option, ...]
-    run: Callable[[dict], str]
     # Bump when the stage's results would change: run reuse keys on it, not on the git commit.
     code_version: str = "1"
     common: tuple[Option, ...] = field(default=(EXPERIMENT, PARENT_RUN))
+    # The module holding `run(params) -> run_id`; default polyrot.stages.<name>.
+    module: str = ""
+
+    def run(self, params: dict) -> str:
+        """Run the stage on validated parameters (see parse); its module loads here, not before."""
+        return importlib.import_module(self.module or f"polyrot.stages.{self.name}").run(params)
 
     @property
     def cli_name(self) -> str:
@@ -115,23 +123,28 @@ class Stage:
         return self.run(self.parse(raw))
 
 
+# What each BatchSpec field is, as an option: (type, help, check).
+_BATCH_FIELDS = {
+    "name": (str, "name of the batch spec (a label)", None),
+    "seed": (int, "seed that regenerates the batch bit-identically", None),
+    "n_sequences": (int, "number of sequences", positive),
+    "min_len": (int, "shortest content length", positive),
+    "max_len": (int, "longest content length", positive),
+    "split": (str, "split to draw from", None),
+}
+
+
 def batch_options(default: BatchSpec, prefix: str = "batch") -> tuple[Option, ...]:
-    """Options describing a BatchSpec (`--batch-seed`, `--batch-sequences`, ...), defaulting to `default`."""
-    return (
-        Option(f"{prefix}_name", str, default.name, "name of the batch spec (a label)"),
-        Option(f"{prefix}_seed", int, default.seed, "seed that regenerates the batch bit-identically"),
-        Option(f"{prefix}_sequences", int, default.n_sequences, "number of sequences", check=positive),
-        Option(f"{prefix}_min_len", int, default.min_len, "shortest content length", check=positive),
-        Option(f"{prefix}_max_len", int, default.max_len, "longest content length", check=positive),
-        Option(f"{prefix}_split", str, default.split, "split to draw from", choices=SPLITS),
-    )
+    """Options describing a BatchSpec (`--batch-seed`, `--batch-sequences`, ...), defaulting to
+    `default`; their names are the spec's own parameter names (BatchSpec.as_params)."""
+    return tuple(Option(f"{prefix}_{PARAM_SUFFIX[name]}", kind, getattr(default, name), help, check=check,
+                        choices=SPLITS if name == "split" else None)
+                 for name, (kind, help, check) in _BATCH_FIELDS.items())
 
 
 def batch_spec(params: dict, prefix: str = "batch") -> BatchSpec:
     """The BatchSpec that `batch_options(prefix=prefix)` parameters describe."""
     try:
-        return BatchSpec(name=params[f"{prefix}_name"], seed=params[f"{prefix}_seed"],
-                         n_sequences=params[f"{prefix}_sequences"], min_len=params[f"{prefix}_min_len"],
-                         max_len=params[f"{prefix}_max_len"], split=params[f"{prefix}_split"])
+        return BatchSpec.from_params(params, prefix)
     except ValueError as exc:
         raise ParameterError(str(exc)) from None

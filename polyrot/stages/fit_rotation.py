@@ -1,7 +1,7 @@
 """Stage `fit_rotation`: the orthogonal map from one seed's residual stream to another's, per site.
 
-Both models run on one batch (default: the paper's evaluation batch, dyck.EVAL_SPEC); their
-row-aligned activations give R by Procrustes (polyrot.rotation.fit_rotation), which maps target
+Both models run on one batch (default: the paper's evaluation batch, task.EVAL_SPEC); their
+row-aligned activations give R by Procrustes (polyrot.core.rotation.fit_rotation), which maps target
 activations into the source frame. Only residual-width sites are accepted: R turns the residual
 basis, and the pooled statistics need one dimension.
 
@@ -11,7 +11,7 @@ Metrics: <site>.<statistic> (frob_ratio, ks_pvalue, signed_perm_distance, ...; s
 rotation_statistics) and <site>.rotation_ev / identity_ev / raw_ev (fit quality), each linked to
 the site's registered model; pooled.* (KS and mean cos over every site's eigen-angles).
 Registry: a version of `polyrot.<experiment>.<site>` per site, alias s<source seed>-to-s<target
-seed> (see polyrot.registry); tags polyrot.registered.<site> = models:/<name>/<version>.
+seed> (see polyrot.tracking.registry); tags polyrot.registered.<site> = models:/<name>/<version>.
 
 Source and target may also be hf_activations runs (Hugging Face models, polyrot.hf) on one token
 sample: R is then fit on their stored activations, sites default to every stored site and the
@@ -25,31 +25,28 @@ from __future__ import annotations
 
 import warnings
 
-from polyrot import hf, registry, tracking
-from polyrot.activations import extract
-from polyrot.dyck import EVAL_SPEC
+from polyrot import tracking
+from polyrot.core.rotation import fit_rotation, pooled_statistics, rotation_statistics
 from polyrot.errors import ParameterError, UnknownSiteError
-from polyrot.model import residual_sites
-from polyrot.rotation import fit_rotation, pooled_statistics, rotation_statistics
+from polyrot.hf import lm
+from polyrot.stages import specs
 from polyrot.stages.activations import parse_sites
-from polyrot.stages.base import REQUIRED, Option, Stage, batch_options, batch_spec
+from polyrot.stages.base import batch_spec
 from polyrot.stages.hf_activations import is_hf_run, load_hf_activations
 from polyrot.stages.train_seed import NAME as TRAIN_SEED
 from polyrot.stages.train_seed import load_seed
+from polyrot.toy.activations import extract
+from polyrot.toy.dyck import make_batch
+from polyrot.toy.model import residual_sites
+from polyrot.toy.task import EVAL_SPEC
+from polyrot.tracking import registry
 
-NAME = "fit_rotation"
+STAGE = specs.FIT_ROTATION
+NAME = STAGE.name
 TAG_SEED = "polyrot.seed"
 TAG_SELF_PAIR = "polyrot.self_pair"
 TAG_REGISTERED = "polyrot.registered."  # + site, value = models:/<name>/<version>
 FIT_QUALITY = ("rotation_ev", "identity_ev", "raw_ev")
-
-OPTIONS = (
-    Option("source", str, REQUIRED, "train_seed run ID of the source model (rotations map into its frame)"),
-    Option("target", str, REQUIRED, "train_seed run ID of the target model"),
-    Option("sites", str, None, "comma-separated residual-width sites; default: every residual site"),
-    Option("alias", str, None, "registry alias of the pair; default s<source seed>-to-s<target seed>"),
-    *batch_options(EVAL_SPEC),
-)
 
 
 def seed_of(run) -> str:
@@ -100,7 +97,7 @@ def run(params: dict) -> str:
     names = params["sites"].split(",") if params["sites"] else residual_sites(source_model.cfg)
     sites = shared_sites(names, source_model.cfg, target_model.cfg)
     alias = registry.check_alias(params["alias"] or registry.pair_alias(seeds["source"], seeds["target"]))
-    batch = spec.generate()
+    batch = make_batch(spec)
     acts_src = extract(source_model, batch, sites)
     acts_tgt = acts_src if self_pair else extract(target_model, batch, sites)
     check_widths(acts_src, source_model.cfg.d_model)
@@ -153,7 +150,7 @@ def _run_hf(params: dict) -> str:
         raise ParameterError(f"target run {target} ran on other tokens than source run {source}: Procrustes pairs "
                              "rows, so both need one corpus, tokenizer, seed and sample size")
     names = params["sites"].split(",") if params["sites"] else list(acts_src)
-    sites = hf.parse_sites(names, info_src["n_layers"])
+    sites = lm.parse_sites(names, info_src["n_layers"])
     missing = [(run, site) for run, acts in ((source, acts_src), (target, acts_tgt)) for site in sites
                if site not in acts]
     if missing:
@@ -165,7 +162,3 @@ def _run_hf(params: dict) -> str:
                       "activations' span; the run is tagged polyrot.self_pair=true", stacklevel=2)
     return _fit_and_register(params, seeds, alias, sites, acts_src, acts_tgt,
                              {"tokens_sha256": info_src["tokens_sha256"]})
-
-
-STAGE = Stage(NAME, "Fit, log and register the rotation between two seeds' residual streams at each site.",
-              OPTIONS, run, code_version="1")

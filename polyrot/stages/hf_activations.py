@@ -11,7 +11,7 @@ Artifacts (the contract train_sae, fit_rotation and audit read):
                             sequence-major, keyed by site (layer0_resid_pre, layerL_resid_post)
   tokens.safetensors        "tokens": int64 [sequences, tokens]
 Params: the resolved model, revision and commit, n_layers, d_model. Metrics: n_rows, loss (mean
-next-token cross-entropy on the sample). Tags: polyrot.seed (--label), polyrot.model
+next-token cross-entropy on the sample). Tags: polyrot.seed (--label), polyrot.toy.model
 (name@revision), polyrot.tokens_sha256.
 """
 
@@ -25,47 +25,21 @@ import torch
 from mlflow.exceptions import MlflowException
 from safetensors.torch import load_file, save_file
 
-from polyrot import hf, tracking
+from polyrot import tracking
 from polyrot.errors import ParameterError
-from polyrot.stages.base import Option, Stage, non_negative, positive
+from polyrot.hf import lm
+from polyrot.hf.config import PAPER_CORPUS
+from polyrot.stages import specs
 from polyrot.stages.train_neox import CORPUS_FILE, fetch_revision
 from polyrot.stages.train_neox import NAME as TRAIN_NEOX
 
-NAME = "hf_activations"
+STAGE = specs.HF_ACTIVATIONS
+NAME = STAGE.name
 ACTIVATIONS_FILE = "activations.safetensors"
 TOKENS_FILE = "tokens.safetensors"
 TAG_SEED = "polyrot.seed"
 TAG_MODEL = "polyrot.model"
 TAG_TOKENS = "polyrot.tokens_sha256"
-
-# The model and the corpus sample: shared with hf_attribution, which loads models the same way.
-MODEL_OPTIONS = (
-    Option("model", str, None, "hub name (EleutherAI/pythia-70m-seed1) or local folder of a causal LM"),
-    Option("model_run", str, None, "train_neox run ID whose stored revisions are loaded (instead of --model)"),
-    Option("revision", str, None, "hub branch, tag or commit (step143000, step3000, ...); default main"),
-    Option("cache_dir", str, None, "hub cache to resolve --model in; default huggingface_hub's"),
-    Option("corpus", str, None, "hub dataset (streamed) or local text file; default: the paper's "
-           f"{hf.PAPER_CORPUS} for --model, the training corpus for --model-run"),
-    Option("split", str, "train", "split of a hub corpus"),
-    Option("text_field", str, "text", "field holding a hub corpus' text"),
-)
-RUNTIME_OPTIONS = (
-    Option("device", str, "auto", "torch device; auto: CUDA when present"),
-    Option("dtype", str, "float32", "dtype the model runs in", choices=hf.DTYPES),
-    Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative),
-)
-
-OPTIONS = (
-    *MODEL_OPTIONS,
-    Option("sequences", int, 256, "sequences in the sample", check=positive),
-    Option("tokens", int, 256, "tokens per sequence", check=positive),
-    Option("corpus_seed", int, hf.CORPUS_SEED, "seed of the document order"),
-    Option("sites", str, None, "comma-separated sites; default every residual site"),
-    Option("batch_size", int, 8, "sequences per forward pass", check=positive),
-    Option("label", str, None, "short name of the model in tables and aliases; default from name and revision"),
-    *RUNTIME_OPTIONS,
-)
-
 
 def default_label(name: str, revision: str | None) -> str:
     """'pythia-70m-seed3-step143000': the last part of the name, the revision, as a registry-safe word."""
@@ -78,7 +52,7 @@ def tokens_digest(tokens: torch.Tensor) -> str:
 
 
 def load_model(params: dict):
-    """(model, tokens, sample) of MODEL_OPTIONS + RUNTIME_OPTIONS params and `sequences` x `tokens`
+    """(model, tokens, sample) of specs.HF_MODEL_OPTIONS + specs.HF_RUNTIME_OPTIONS params and `sequences` x `tokens`
     from `corpus_seed`; sample = {name, revision, corpus, upstream}. Checked before any run exists."""
     if bool(params["model"]) == bool(params["model_run"]):
         raise ParameterError("give exactly one of --model and --model-run")
@@ -94,12 +68,12 @@ def load_model(params: dict):
         upstream["model"] = params["model_run"]
     else:
         name, cache_dir, revision = params["model"], params["cache_dir"], params["revision"]
-        corpus = params["corpus"] or hf.PAPER_CORPUS
-    model, tokenizer = hf.load_causal_lm(name, revision, cache_dir, device=params["device"], dtype=params["dtype"])
+        corpus = params["corpus"] or PAPER_CORPUS
+    model, tokenizer = lm.load_causal_lm(name, revision, cache_dir, device=params["device"], dtype=params["dtype"])
     if params["tokens"] > model.config.max_position_embeddings:
         raise ParameterError(f"--tokens {params['tokens']} exceeds the model's context of "
                              f"{model.config.max_position_embeddings}")
-    tokens = hf.sample_corpus(corpus, tokenizer, params["sequences"], params["tokens"], seed=params["corpus_seed"],
+    tokens = lm.sample_corpus(corpus, tokenizer, params["sequences"], params["tokens"], seed=params["corpus_seed"],
                               split=params["split"], text_field=params["text_field"])
     return model, tokens, {"name": name, "revision": revision, "corpus": corpus, "upstream": upstream}
 
@@ -108,14 +82,14 @@ def resolved_params(model, sample: dict) -> dict:
     """What the run actually loaded, as params."""
     return {"resolved_model": sample["name"], "resolved_revision": sample["revision"] or "main",
             "commit": getattr(model.config, "_commit_hash", None), "resolved_corpus": sample["corpus"],
-            "n_layers": hf.n_layers(model), "d_model": model.config.hidden_size}
+            "n_layers": lm.n_layers(model), "d_model": model.config.hidden_size}
 
 
 def run(params: dict) -> str:
     # Everything that can be refused is checked before a run exists, so bad input leaves no run.
     model, tokens, sample = load_model(params)
-    depth = hf.n_layers(model)
-    sites = hf.parse_sites(params["sites"].split(",") if params["sites"] else hf.site_names(depth), depth)
+    depth = lm.n_layers(model)
+    sites = lm.parse_sites(params["sites"].split(",") if params["sites"] else lm.site_names(depth), depth)
     name, revision = sample["name"], sample["revision"]
     label = params["label"] or default_label(name, revision)
 
@@ -125,7 +99,7 @@ def run(params: dict) -> str:
                             tags={TAG_SEED: label, TAG_MODEL: f"{name}@{revision or 'main'}",
                                   TAG_TOKENS: tokens_digest(tokens)}) as run:
         run.log_params(resolved_params(model, sample))
-        acts = hf.hidden_states(model, tokens, sites, batch_size=params["batch_size"])
+        acts = lm.hidden_states(model, tokens, sites, batch_size=params["batch_size"])
         save_file({site: a.contiguous() for site, a in acts.items()}, run.path(ACTIVATIONS_FILE))
         save_file({"tokens": tokens}, run.path(TOKENS_FILE))
         run.log_artifact(ACTIVATIONS_FILE)
@@ -140,10 +114,6 @@ def sample_loss(model, tokens: torch.Tensor, batch_size: int) -> float:
     device = next(model.parameters()).device
     losses = [float(model(part.to(device), labels=part.to(device)).loss) for part in tokens.split(batch_size)]
     return sum(losses) / len(losses)
-
-
-STAGE = Stage(NAME, "Hidden states of a Hugging Face causal LM at residual sites on a seeded corpus sample.", OPTIONS,
-              run, code_version="1")
 
 
 def is_hf_run(run_id: str) -> bool:
@@ -179,4 +149,4 @@ def load_hf_model(run_id: str, device: str | None = None):
         name, cache_dir = fetch_revision(params["model_run"], revision)
     else:
         name, cache_dir = params["model"], params.get("cache_dir") or None
-    return hf.load_causal_lm(name, revision, cache_dir, device=device, dtype=params.get("dtype") or "float32")
+    return lm.load_causal_lm(name, revision, cache_dir, device=device, dtype=params.get("dtype") or "float32")

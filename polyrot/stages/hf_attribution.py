@@ -2,7 +2,7 @@
 
 For every block, its output residual is replaced by its mean over the sample's (sequence, token)
 positions and the change of the mean next-token cross-entropy is measured; attribution patching
-and integrated gradients (--ig-steps path points, polyrot.causal) predict that change from
+and integrated gradients (--ig-steps path points, polyrot.toy.causal) predict that change from
 gradients at the clean run. The model and sample are given as for hf_activations (the paper:
 pythia-70m-seed1 at step143000, 8 x 128 tokens, 32 steps).
 
@@ -14,21 +14,14 @@ the measured effects over the blocks).
 
 from __future__ import annotations
 
-from polyrot import hf, tracking
-from polyrot.causal import IG_STEPS, pearson
-from polyrot.stages.base import Option, Stage, positive
-from polyrot.stages.hf_activations import MODEL_OPTIONS, RUNTIME_OPTIONS, default_label, load_model, resolved_params
+from polyrot import tracking
+from polyrot.core.attribution import pearson
+from polyrot.hf import lm
+from polyrot.stages import specs
+from polyrot.stages.hf_activations import default_label, load_model, resolved_params
 
-NAME = "hf_attribution"
-
-OPTIONS = (
-    *MODEL_OPTIONS,
-    Option("sequences", int, 8, "sequences in the sample", check=positive),
-    Option("tokens", int, 128, "tokens per sequence", check=positive),
-    Option("corpus_seed", int, hf.CORPUS_SEED, "seed of the document order"),
-    Option("ig_steps", int, IG_STEPS, "integrated-gradients path points", check=positive),
-    *RUNTIME_OPTIONS,
-)
+STAGE = specs.HF_ATTRIBUTION
+NAME = STAGE.name
 
 
 def run(params: dict) -> str:
@@ -39,7 +32,7 @@ def run(params: dict) -> str:
                             upstream=sample["upstream"], parent_run_id=params["parent_run"],
                             run_name=f"attribution-{label}", tags={"polyrot.seed": label}) as run:
         run.log_params(resolved_params(model, sample))
-        clean_loss, table = hf.block_attribution(model, tokens, ig_steps=params["ig_steps"])
+        clean_loss, table = lm.block_attribution(model, tokens, ig_steps=params["ig_steps"])
         table.to_csv(run.path("attribution.csv"), index=False)
         run.log_artifact("attribution.csv")
         run.log_metrics({"clean_loss": clean_loss,
@@ -48,7 +41,3 @@ def run(params: dict) -> str:
                          **{f"{row['block']}.{k}": row[k] for row in table.to_dict("records")
                             for k in ("measured", "ap", "ig")}})
         return run.run_id
-
-
-STAGE = Stage(NAME, "Per block of a Hugging Face causal LM: mean-ablation effect against its AP and IG predictions.",
-              OPTIONS, run, code_version="1")

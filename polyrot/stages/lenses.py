@@ -1,12 +1,12 @@
 """Stage `lenses`: per-head circuit norms, ACDC-style head pruning and MLP activation patterns (§3, §6a).
 
 For every run in --models:
-  lens 1   |QK| and |OV| of each head on folded weights (polyrot.lenses.head_norms)
+  lens 1   |QK| and |OV| of each head on folded weights (polyrot.toy.lenses.head_norms)
   lens 3   each component's effective ablation loss, the mean-ablation effect on the summed
-           per-head loss (polyrot.causal; means on LENS_MEANS, effects on LENS_EVAL), and the heads
+           per-head loss (polyrot.toy.causal; means on LENS_MEANS, effects on LENS_EVAL), and the heads
            ACDC keeps at --acdc-threshold (paper: 1e-3 keeps 6 of 8)
   lens 4   unique ReLU firing patterns and alive neurons per MLP layer on --lens4-sequences
-           sequences (polyrot.lenses.activation_patterns)
+           sequences (polyrot.toy.lenses.activation_patterns)
 
 Metrics (<m> = s<seed>): <m>.L<l>H<h>.qk, <m>.L<l>H<h>.ov, <m>.effect.<component>, <m>.acdc.kept,
 <m>.lens4.L<l>.{positions,unique_patterns,alive_neurons}.
@@ -22,24 +22,17 @@ import dataclasses
 import pandas as pd
 import torch
 
-from polyrot import causal, lenses, tracking
+from polyrot import tracking
+from polyrot.stages import specs
 from polyrot.stages.audit import parse_run_ids, seed_labels
-from polyrot.stages.base import REQUIRED, Option, Stage, non_negative, positive
 from polyrot.stages.fit_rotation import seed_of
-from polyrot.stages.train_seed import CHECKPOINT, load_seed
 from polyrot.stages.train_seed import NAME as TRAIN_SEED
+from polyrot.stages.train_seed import load_seed
+from polyrot.toy import causal, lenses, task
+from polyrot.toy.dyck import make_batch
 
-NAME = "lenses"
-
-OPTIONS = (
-    Option("models", str, REQUIRED, "comma-separated train_seed run IDs"),
-    Option("acdc_threshold", float, causal.ACDC_THRESHOLD, "effective ablation loss a head must exceed to be kept",
-           check=non_negative),
-    Option("lens4_sequences", int, lenses.LENS4_SPEC.n_sequences, "sequences whose positions lens 4 counts "
-           "patterns on", check=positive),
-    CHECKPOINT,
-    Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative),
-)
+STAGE = specs.LENSES
+NAME = STAGE.name
 
 
 def run(params: dict) -> str:
@@ -49,15 +42,15 @@ def run(params: dict) -> str:
     models = {rid: load_seed(rid, params["checkpoint"]) for rid in run_ids}
     if params["threads"]:
         torch.set_num_threads(params["threads"])
-    lens4_spec = dataclasses.replace(lenses.LENS4_SPEC, n_sequences=params["lens4_sequences"])
-    means_batch, eval_batch, lens4_batch = (spec.generate() for spec in (causal.LENS_MEANS, causal.LENS_EVAL,
+    lens4_spec = dataclasses.replace(task.LENS4_SPEC, n_sequences=params["lens4_sequences"])
+    means_batch, eval_batch, lens4_batch = (make_batch(spec) for spec in (task.LENS_MEANS, task.LENS_EVAL,
                                                                          lens4_spec))
 
     with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
                             upstream={f"model.{labels[rid]}": rid for rid in run_ids},
                             parent_run_id=params["parent_run"], run_name="lenses") as run:
-        for prefix, spec in (("batch.means", causal.LENS_MEANS), ("batch.eval", causal.LENS_EVAL),
-                             ("batch.lens4", lens4_spec)):
+        for prefix, spec in (("batch_means", task.LENS_MEANS), ("batch_eval", task.LENS_EVAL),
+                             ("batch_lens4", lens4_spec)):
             run.log_params(spec.as_params(prefix))
         heads, effects, patterns = [], [], []
         for rid, model in models.items():
@@ -89,7 +82,3 @@ def run(params: dict) -> str:
             pd.concat(parts, ignore_index=True).to_csv(run.path(path), index=False)
             run.log_artifact(path)
         return run.run_id
-
-
-STAGE = Stage(NAME, "Lens 1 head norms, ACDC-style head pruning and lens 4 activation patterns per model.",
-              OPTIONS, run, code_version="1")

@@ -1,6 +1,6 @@
 """Stage `steering`: do a source seed's steering vectors steer other seeds, raw and rotated (paper §8.6)?
 
-On one batch (default: the paper's evaluation batch) the three toy vectors of polyrot.steering are
+On one batch (default: the paper's evaluation batch) the three toy vectors of polyrot.toy.steering are
 built from the source model's activations at one residual site. For every vector and alpha each is
 added at all positions, and its effect (conditional-accuracy drop on the vector's head at its
 targeted rows) is measured:
@@ -16,11 +16,11 @@ targeted rows) is measured:
                     of a cross-seed effect any direction of that norm would have had (a raw effect
                     near it transfers nothing specific to the vector)
   raw_ratio, ...    cross / within (NaN when within is negligible) and the regime label, both as
-                    defined in polyrot.steering
+                    defined in polyrot.toy.steering
   raw_gap, rotated_gap   |cross - within|: how far each transfer lands from the source's own effect
                     (rotation helps where rotated_gap < raw_gap)
   raw_dose, rotated_dose  the multiple of alpha at which the target reaches the within-seed effect
-                    at alpha, read off the alpha grid (polyrot.steering.dose_multiple; NaN if no
+                    at alpha, read off the alpha grid (polyrot.toy.steering.dose_multiple; NaN if no
                     dose of the grid reaches it)
 
 Hugging Face models (--source and --targets hf_activations runs, polyrot.hf): the paper's Pythia
@@ -50,46 +50,39 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from polyrot import hf, registry, steering, steering_figures, tracking
-from polyrot.activations import condition_rows, extract
-from polyrot.dyck import EVAL_SPEC
+from polyrot import tracking
+from polyrot.core.rotation import fit_rotation
 from polyrot.errors import ParameterError
-from polyrot.model import residual_sites, resolve_site
-from polyrot.rotation import fit_rotation
+from polyrot.figures.steering import effect_vs_alpha
+from polyrot.hf import lm
+from polyrot.stages import specs
 from polyrot.stages.audit import parse_run_ids, seed_labels
-from polyrot.stages.base import (REQUIRED, Option, Stage, batch_options, batch_spec, non_negative, parse_numbers,
-                                 positive)
+from polyrot.stages.base import (
+    batch_spec,
+    parse_numbers,
+)
 from polyrot.stages.fit_rotation import check_same_d_model, seed_of
-from polyrot.stages.hf_activations import is_hf_run, load_hf_activations, load_hf_model, load_hf_tokens
+from polyrot.stages.hf_activations import (
+    is_hf_run,
+    load_hf_activations,
+    load_hf_model,
+    load_hf_tokens,
+)
 from polyrot.stages.train_seed import NAME as TRAIN_SEED
 from polyrot.stages.train_seed import load_seed
+from polyrot.toy import steering
+from polyrot.toy.activations import condition_rows, extract
+from polyrot.toy.dyck import make_batch
+from polyrot.toy.model import residual_sites, resolve_site
+from polyrot.toy.task import EVAL_SPEC
+from polyrot.tracking import registry
 
-NAME = "steering"
-# Hugging Face models (NUMBERS.md §6g): the paper's contrastive sets and 64 evaluation sequences.
+STAGE = specs.STEERING
+NAME = STAGE.name
+# Hugging Face models (NUMBERS.md §6g): the paper's contrastive sets.
 HF_SENTENCES = Path(__file__).resolve().parents[2] / "projects" / "steering" / "pythia.yaml"
-HF_EVAL_SEQUENCES = 64
 HF_EFFECT = "next-token KL"
 HF_EFFECT_NAME, TOY_EFFECT_NAME = "KL(clean || steered)", "conditional-accuracy drop"
-# The paper's doses.
-DEFAULT_ALPHAS = "0.5,1,2,4"
-
-OPTIONS = (
-    Option("source", str, REQUIRED, "train_seed run ID whose activations define the steering vectors"),
-    Option("targets", str, REQUIRED, "comma-separated train_seed run IDs the vectors are transferred to"),
-    Option("site", str, "resid_mid_1", "residual site the vectors are built at and added to"),
-    Option("alphas", str, DEFAULT_ALPHAS, "comma-separated positive doses alpha (alpha * vector is added)"),
-    Option("use_registry", bool, False, "rotate with the registered rotation of each pair instead of fitting "
-           "one on the batch"),
-    Option("control_seed", int, 0, "seed of the random control directions"),
-    Option("controls", int, 8, "random control directions per vector; a control's effect is their mean",
-           check=positive),
-    Option("sentences", str, None, "hf_activations runs: YAML of contrastive sentence sets; default "
-           "projects/steering/pythia.yaml"),
-    Option("eval_sequences", int, None, "hf_activations runs: sequences of the source's sample the effect is "
-           f"measured on; default {HF_EVAL_SEQUENCES}", check=positive),
-    *batch_options(EVAL_SPEC),
-    Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative),
-)
 
 
 def parse_alphas(raw: str) -> list[float]:
@@ -150,7 +143,7 @@ def _log_table(run, rows: list[dict], title: str) -> None:
             if pd.notna(row[column]):
                 metrics[f"{prefix}.{row['target']}.{column}"] = row[column]
     run.log_metrics(metrics)
-    run.log_figure("fig4_steering.png", steering_figures.effect_vs_alpha(table, title=title))
+    run.log_figure("fig4_steering.png", effect_vs_alpha(table, title=title))
 
 
 def _run_hf(params: dict) -> str:
@@ -167,11 +160,11 @@ def _run_hf(params: dict) -> str:
     acts_src, info = load_hf_activations(source)
     # The Dyck default stands for the middle block's output (layer3 of Pythia-70m, the paper's site).
     site = (f"layer{info['n_layers'] // 2}_resid_post" if params["site"] == "resid_mid_1"
-            else hf.resolve_site(params["site"], info["n_layers"]))
-    hf.block_of(site)
+            else lm.resolve_site(params["site"], info["n_layers"]))
+    lm.block_of(site)
     if site not in acts_src:
         raise ParameterError(f"activations run {source} has no site {site!r}; it has: {', '.join(acts_src)}")
-    sets = hf.load_sentence_sets(params["sentences"] or HF_SENTENCES)
+    sets = lm.load_sentence_sets(params["sentences"] or HF_SENTENCES)
     targets = {}
     for rid in parse_run_ids(params["targets"], "--targets"):
         acts, target_info = load_hf_activations(rid)
@@ -179,7 +172,7 @@ def _run_hf(params: dict) -> str:
             raise ParameterError(f"target run {rid} does not hold {site} on the source's tokens: the rotation is fit "
                                  "row by row, so both need one corpus sample and the site")
         targets[rid] = (target_info["label"], acts[site])
-    tokens = load_hf_tokens(source)[:params["eval_sequences"] or HF_EVAL_SEQUENCES]
+    tokens = load_hf_tokens(source)[:params["eval_sequences"] or specs.HF_STEERING_SEQUENCES]
     if params["threads"]:
         torch.set_num_threads(params["threads"])
     source_model, tokenizer = load_hf_model(source)
@@ -190,7 +183,7 @@ def _run_hf(params: dict) -> str:
                             parent_run_id=params["parent_run"], run_name=f"steering-{info['label']}",
                             tags={"polyrot.source_seed": info["label"]}) as run:
         run.log_params({"resolved_site": site, "n_eval_sequences": len(tokens)})
-        vectors = {name: hf.steering_vector(source_model, tokenizer, spec, site) for name, spec in sets.items()}
+        vectors = {name: lm.steering_vector(source_model, tokenizer, spec, site) for name, spec in sets.items()}
         save_file({name: v.contiguous() for name, v in vectors.items()}, run.path("vectors.safetensors"),
                   metadata={"site": site, "source_run": source,
                             **{f"{name}.definition": f"mean({spec['reduce']} of positive) - mean({spec['reduce']} "
@@ -204,11 +197,11 @@ def _run_hf(params: dict) -> str:
             controls = steering.random_controls(vector, params["control_seed"], params["controls"])
             for alpha in alphas:
                 def control_kl(model) -> float:
-                    return sum(hf.steering_kl(model, tokens, site, c, alpha) for c in controls) / len(controls)
+                    return sum(lm.steering_kl(model, tokens, site, c, alpha) for c in controls) / len(controls)
 
-                within = hf.steering_kl(source_model, tokens, site, vector, alpha)
-                cross = {rid: (label, hf.steering_kl(models[rid], tokens, site, vector, alpha),
-                               hf.steering_kl(models[rid], tokens, site, rotations[rid].rotate_vector(vector), alpha),
+                within = lm.steering_kl(source_model, tokens, site, vector, alpha)
+                cross = {rid: (label, lm.steering_kl(models[rid], tokens, site, vector, alpha),
+                               lm.steering_kl(models[rid], tokens, site, rotations[rid].rotate_vector(vector), alpha),
                                control_kl(models[rid]))
                          for rid, (label, _) in targets.items()}
                 rows += _effect_rows(name, HF_EFFECT, HF_EFFECT_NAME, alpha, within, control_kl(source_model),
@@ -238,7 +231,7 @@ def run(params: dict) -> str:
                   if params["use_registry"] else {})
     if params["threads"]:
         torch.set_num_threads(params["threads"])
-    batch = spec.generate()
+    batch = make_batch(spec)
     acts_src = extract(source_model, batch, [site])[site]
     vectors = steering.toy_vectors(acts_src, condition_rows(batch))
 
@@ -246,7 +239,6 @@ def run(params: dict) -> str:
                             upstream={"source": source, **{f"target.{labels[rid]}": rid for rid in targets}},
                             parent_run_id=params["parent_run"], run_name=f"steering-s{source_seed}",
                             tags={"polyrot.source_seed": source_seed}) as run:
-        run.log_params(spec.as_params())
         save_file({name: v.direction.contiguous() for name, v in vectors.items()}, run.path("vectors.safetensors"),
                   metadata={"site": site, "source_run": source,
                             **{f"{name}.definition": v.definition for name, v in vectors.items()},
@@ -280,7 +272,3 @@ def run(params: dict) -> str:
                                      control_effect(source, source_model), int(vector.targets.sum()), cross)
         _log_table(run, rows, f"Steering at {site}: vectors of seed {source_seed}")
         return run.run_id
-
-
-STAGE = Stage(NAME, "Build the toy steering vectors on a source seed and measure how they transfer, raw and rotated.",
-              OPTIONS, run, code_version="5")

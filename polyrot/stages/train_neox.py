@@ -1,4 +1,4 @@
-"""Stage `train_neox`: one tiny GPT-NeoX seed on a local English corpus, stored as a hub cache (polyrot.neox).
+"""Stage `train_neox`: one tiny GPT-NeoX seed on a local English corpus, stored as a hub cache (polyrot.hf.neox).
 
 The corpus is the standard library's docstrings unless --corpus names a local text file (one
 document per line); the tokenizer is trained on it here, identically for every seed.
@@ -28,37 +28,19 @@ from pathlib import Path
 
 import torch
 
-from polyrot import neox, tracking
+from polyrot import tracking
 from polyrot.errors import HubResolutionError, ParameterError
-from polyrot.stages.base import REQUIRED, Option, Stage, non_negative, positive
+from polyrot.hf import neox
+from polyrot.hf.config import NeoxRecipe
+from polyrot.stages import specs
 
-NAME = "train_neox"
+STAGE = specs.TRAIN_NEOX
+NAME = STAGE.name
 HUB_DIR = "hub"
 CORPUS_FILE = "corpus.txt"
 TAG_SEED = "polyrot.seed"
 TAG_REPO = "polyrot.repo_id"
 MAIN = "main"
-_DEFAULT = neox.NeoxRecipe()
-
-OPTIONS = (
-    Option("seed", int, REQUIRED, "torch seed of the initialisation and of the data order"),
-    Option("repo_id", str, None, "hub name the seed is stored under; default polyrot/neox-tiny-seed<seed>"),
-    Option("corpus", str, None, "local text file, one document per line; default: the stdlib's docstrings"),
-    Option("d_model", int, _DEFAULT.d_model, "residual width", check=positive),
-    Option("n_layers", int, _DEFAULT.n_layers, "blocks", check=positive),
-    Option("n_heads", int, _DEFAULT.n_heads, "attention heads per block", check=positive),
-    Option("d_mlp", int, _DEFAULT.d_mlp, "MLP width", check=positive),
-    Option("vocab_size", int, _DEFAULT.vocab_size, "BPE vocabulary size", check=positive),
-    Option("seq_len", int, _DEFAULT.seq_len, "training window (and context) length", check=positive),
-    Option("batch_size", int, _DEFAULT.batch_size, "windows per step", check=positive),
-    Option("steps", int, _DEFAULT.steps, "AdamW steps", check=positive),
-    Option("lr", float, _DEFAULT.lr, "peak learning rate", check=positive),
-    Option("warmup", int, _DEFAULT.warmup, "linear warmup steps", check=non_negative),
-    Option("weight_decay", float, _DEFAULT.weight_decay, "AdamW weight decay on matrices", check=non_negative),
-    Option("checkpoint_steps", str, "0", "comma-separated steps stored as revisions step<N> (0: the initialisation)"),
-    Option("cache_dir", str, None, "also write the revisions into this hub cache"),
-    Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative),
-)
 
 
 def parse_steps(raw: str, last: int) -> tuple[int, ...]:
@@ -73,7 +55,7 @@ def parse_steps(raw: str, last: int) -> tuple[int, ...]:
 
 
 def run(params: dict) -> str:
-    recipe = neox.NeoxRecipe(**{k: params[k] for k in neox.NeoxRecipe.__dataclass_fields__ if k in params})
+    recipe = NeoxRecipe(**{k: params[k] for k in NeoxRecipe.__dataclass_fields__ if k in params})
     if recipe.d_model % recipe.n_heads:
         raise ParameterError(f"--d-model {recipe.d_model} is not a multiple of --n-heads {recipe.n_heads}")
     steps = parse_steps(params["checkpoint_steps"], recipe.steps)
@@ -117,10 +99,6 @@ def run(params: dict) -> str:
         if params["cache_dir"]:
             shutil.copytree(cache, params["cache_dir"], dirs_exist_ok=True)
         return run.run_id
-
-
-STAGE = Stage(NAME, "Train one tiny GPT-NeoX seed on a local corpus; store its revisions as a hub cache.", OPTIONS,
-              run, code_version="1")
 
 
 def fetch_revision(run_id: str, revision: str | None) -> tuple[str, Path]:

@@ -34,14 +34,9 @@ import re
 
 import torch
 
-from polyrot import hf, tracking
-from polyrot.activations import extract
-from polyrot.dyck import EVAL_SPEC, SAE_SPEC
-from polyrot.errors import ParameterError, WrongStageError
-from polyrot.model import ModelConfig
-from polyrot.sae import (
+from polyrot import tracking
+from polyrot.core.sae import (
     CONFIG_FILE,
-    KINDS,
     WEIGHTS_FILE,
     SAEConfig,
     SparseAutoencoder,
@@ -50,36 +45,26 @@ from polyrot.sae import (
     save_sae,
     train_sae,
 )
+from polyrot.errors import ParameterError, WrongStageError
+from polyrot.hf import lm
+from polyrot.stages import specs
 from polyrot.stages.activations import load_activations, parse_sites
-from polyrot.stages.base import Option, Stage, batch_options, batch_spec, non_negative, positive
+from polyrot.stages.base import (
+    batch_spec,
+)
 from polyrot.stages.hf_activations import is_hf_run, load_hf_activations
-from polyrot.stages.train_seed import CHECKPOINT, load_seed
+from polyrot.stages.train_seed import load_seed
+from polyrot.toy.activations import extract
+from polyrot.toy.model import ModelConfig
+from polyrot.toy.task import EVAL_SPEC, SAE_SPEC
 
-NAME = "train_sae"
+STAGE = specs.TRAIN_SAE
+NAME = STAGE.name
 TAG_GROUP = "polyrot.group"
 TAG_SITE = "polyrot.site"
 CHILDREN_FILE = "children.json"
 METRICS = ("loss", "mse", "ev", "l0", "dead_fraction")
 
-OPTIONS = (
-    Option("model_run", str, None, "train_seed run ID: activations are extracted on the fly"),
-    Option("activations_run", str, None, "activations run ID to train on (instead of --model-run)"),
-    Option("site", str, None, "site to train on, e.g. resid_mid_1"),
-    Option("sites", str, None, "comma-separated sites: one child run per site under a group run"),
-    Option("layer", int, None, "transcoder layer L: reads ln2_out_L, predicts mlp_out_L", check=non_negative),
-    Option("kind", str, "sae", "sae, or transcoder (MLP input to MLP output)", choices=KINDS),
-    Option("expansion", int, 8, "latents per input dimension", check=positive),
-    Option("l1", float, 1e-3, "L1 coefficient on the mean ||f||_1", check=non_negative),
-    Option("steps", int, 4000, "Adam steps", check=positive),
-    Option("lr", float, 5e-4, "Adam learning rate", check=positive),
-    Option("batch_size", int, 4096, "rows per step", check=positive),
-    Option("sae_seed", int, 0, "seed of the initialisation and of the batch sampling"),
-    Option("eval_every", int, 500, "steps between metric evaluations on the training data", check=positive),
-    *batch_options(SAE_SPEC),
-    *batch_options(EVAL_SPEC, prefix="heldout"),
-    CHECKPOINT,
-    Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative),
-)
 
 _LAYER_SITE = re.compile(r"(?:ln2|mlp)_out_(\d+)")
 
@@ -110,7 +95,7 @@ def _site_pairs(params: dict, cfg: ModelConfig) -> list[tuple[str, str | None]]:
 
 
 def _prepare_dyck(params: dict, spec, heldout):
-    """(data, held-out data, site pairs, configs, upstream, extra params) for a Dyck model's activations."""
+    """(data, held-out data, site pairs, configs, upstream, data params) for a Dyck model's activations."""
     if params["activations_run"]:
         if spec != SAE_SPEC:
             raise ParameterError("--batch-* describe data extracted from --model-run; "
@@ -154,7 +139,7 @@ def _prepare_hf(params: dict, spec, heldout):
     given = [o for o in ("site", "sites") if params[o] is not None]
     if len(given) != 1:
         raise ParameterError("give exactly one of --site and --sites")
-    sites = hf.parse_sites((params["site"] or params["sites"]).split(","), info["n_layers"])
+    sites = lm.parse_sites((params["site"] or params["sites"]).split(","), info["n_layers"])
     missing = [s for s in sites if s not in stored]
     if missing:
         raise ParameterError(f"activations run {run_id} has no site {missing[0]!r}; it has: {', '.join(stored)}")
@@ -179,14 +164,16 @@ def run(params: dict) -> str:
     spec, heldout = batch_spec(params), batch_spec(params, "heldout")
     # Everything that can be refused is checked before a run exists, so bad input leaves no run.
     prepare = _prepare_hf if params["activations_run"] and is_hf_run(params["activations_run"]) else _prepare_dyck
-    data, held, pairs, configs, upstream, extra = prepare(params, spec, heldout)
+    data, held, pairs, configs, upstream, data_params = prepare(params, spec, heldout)
+    # The run's batch_* params name the data it trained on: an activations run's own spec, if given.
+    params = {**params, **data_params}
 
     def train_one(cfg: SAEConfig, target_site: str | None, run_params: dict, adopt: bool = True) -> tuple[str, dict]:
         with tracking.stage_run(NAME, run_params, code_version=STAGE.code_version, experiment=run_params["experiment"],
                                 upstream=upstream, parent_run_id=run_params["parent_run"],
                                 run_name=f"{cfg.kind}-{cfg.site}-x{cfg.expansion}",
                                 tags={TAG_SITE: cfg.site, "polyrot.kind": cfg.kind}, adopt=adopt) as run:
-            run.log_params({**extra, "target_site": target_site, "n_rows": len(data[cfg.site]),
+            run.log_params({"target_site": target_site, "n_rows": len(data[cfg.site]),
                             "d_sae": cfg.d_sae})
             target = data[target_site] if target_site else None
             sae, history = train_sae(data[cfg.site], cfg, target,
@@ -207,7 +194,6 @@ def run(params: dict) -> str:
                             upstream=upstream, parent_run_id=params["parent_run"],
                             run_name=f"{params['kind']}-{len(configs)}-sites-x{params['expansion']}",
                             tags={TAG_GROUP: "sites", "polyrot.kind": params["kind"]}) as group:
-        group.log_params(extra)
         # Under `mlflow run` the adopted group may live elsewhere than --experiment says; the UI
         # nests only children of the same experiment.
         client = tracking.configure()
@@ -221,10 +207,6 @@ def run(params: dict) -> str:
             group.log_metrics({f"{k}.{cfg.site}": v for k, v in final.items()}, cfg.steps)
         group.log_json(CHILDREN_FILE, children)
         return group.run_id
-
-
-STAGE = Stage(NAME, "Train an SAE or transcoder on a model's activations at one site (or several, grouped).",
-              OPTIONS, run, code_version="1")
 
 
 def sae_runs(run_id: str) -> dict[str, str]:

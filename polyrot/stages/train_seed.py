@@ -17,14 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from polyrot import tracking
-from polyrot.device import resolve_device
+from polyrot.core.device import resolve_device
 from polyrot.errors import ArtifactMissingError, ParameterError
-from polyrot.model import SHARED_IO, load_model, save_model
-from polyrot.stages.base import Option, Stage, non_negative, positive, unit_interval
-from polyrot.train import (
-    PROFILES,
+from polyrot.stages import specs
+from polyrot.toy.model import SHARED_IO, load_model, save_model
+from polyrot.toy.recipe import TrainConfig
+from polyrot.toy.train import (
     EvalSets,
-    TrainConfig,
     checkpoint_payload,
     evaluate,
     new_state,
@@ -32,33 +31,10 @@ from polyrot.train import (
     train,
 )
 
-NAME = "train_seed"
+STAGE = specs.TRAIN_SEED
+NAME = STAGE.name
 
 # Options left at None take the profile's value; the resolved recipe is logged as recipe.* params.
-OPTIONS = (
-    Option("seed", int, None, "model seed (init and data stream); default 0"),
-    Option("profile", str, "cpu", "training recipe: cpu (2-core default) or paper", choices=tuple(PROFILES)),
-    Option("batch_size", int, None, "sequences per step", check=positive),
-    Option("max_steps", int, None, "step budget (the cosine schedule spans it)", check=positive),
-    Option("lr", float, None, "peak learning rate", check=positive),
-    Option("eval_every", int, None, "steps between held-out evaluations", check=positive),
-    Option("target_acc", float, None, "early-stop target: min held-out accuracy over split x head",
-           check=unit_interval),
-    Option("extra_steps", int, None, "steps to continue after first confirming target_acc", check=non_negative),
-    Option("checkpoint_every", int, None, "steps between checkpoint artifacts", check=positive),
-    Option("p_corrupt", float, None, "fraction of valid walks given one wrong-family closer",
-           check=lambda v: None if 0 <= v <= 1 else "must lie in [0, 1]"),
-    Option("eval_sequences", int, None, "held-out sequences per split at each evaluation (default 2048)",
-           check=positive),
-    Option("confirm_sequences", int, None, "held-out sequences per split that confirm a milestone and score "
-           "the final model (default 16384, ~10^6 tokens)", check=positive),
-    Option("shared_io_from", str, None, "train_seed run ID whose W_E and unembeddings are copied and frozen (Cohort A)"),
-    Option("resume", str, None, "train_seed run ID to continue from its last checkpoint (the recipe comes from it)"),
-    Option("threads", int, 0, "torch threads (0: torch's default); 1 makes training bit-reproducible",
-           check=non_negative),
-    Option("device", str, None, "cpu, cuda or cuda:N; default: CUDA when torch sees one (bf16 autocast there, "
-           "as the paper), else the CPU"),
-)
 RECIPE_OPTIONS = ("batch_size", "max_steps", "lr", "eval_every", "target_acc", "extra_steps",
                   "checkpoint_every", "p_corrupt", "eval_sequences", "confirm_sequences")
 
@@ -144,12 +120,6 @@ def run(params: dict) -> str:
         return run.run_id
 
 
-STAGE = Stage(NAME, "Train one Dyck-3 seed and log its model, checkpoints and accuracy.", OPTIONS, run,
-              code_version="1")
-
-
-CHECKPOINT = Option("checkpoint", str, None, "use this checkpoint of the train_seed runs (first-0.99, "
-                    "step-002000, ...) instead of their final weights")
 _CHECKPOINT_NAME = re.compile(r"(step-\d{6}|first-[0-9.]+)")
 
 

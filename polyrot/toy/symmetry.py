@@ -7,7 +7,7 @@ The group (each element leaves the model's function unchanged):
     the V-O pair, W_V[h] -> R W_V[h], W_O[h] -> W_O[h] Rᵀ;
   - MLP neuron permutation (W_in rows and W_out columns together);
   - per-neuron positive scaling, W_in row × a, W_out column ÷ a (ReLU(a z) = a ReLU(z) for a > 0);
-  - residual-basis rotation Q ∈ O(d_model): `polyrot.model.rotate_residual`, folded norms only.
+  - residual-basis rotation Q ∈ O(d_model): `polyrot.toy.model.rotate_residual`, folded norms only.
 
 During the search a model is a dict of float64 tensors, its whole state dict: the parameters, the
 folded gains (all 1, so they never differ) and the W_pos buffer. W_pos is fixed and identical
@@ -39,9 +39,14 @@ import scipy.stats
 import torch
 from tqdm.auto import tqdm, trange
 
-from polyrot.dyck import PAD
 from polyrot.errors import ParameterError
-from polyrot.model import DyckTransformer, ModelConfig, fold_rmsnorm, rotate_residual
+from polyrot.toy.model import (
+    DyckTransformer,
+    ModelConfig,
+    fold_rmsnorm,
+    rotate_residual,
+)
+from polyrot.toy.task import PAD
 
 Weights = dict[str, torch.Tensor]
 

@@ -20,13 +20,18 @@ import numpy as np
 import pandas as pd
 from mlflow.entities import Run
 
-from polyrot import figures, pipeline, steering_figures, tracking
-from polyrot.claims import Verdict, render_markdown
+from polyrot import tracking
+from polyrot.core.rotation import Rotation, eigen_angles, haar_angles, pooled_statistics
 from polyrot.errors import LineageError
-from polyrot.rotation import Rotation, eigen_angles, haar_angles, pooled_statistics
+from polyrot.experiments import pipeline
+from polyrot.experiments.claims import Verdict, render_markdown
+from polyrot.experiments.verify import node_runs
+from polyrot.figures.audit import checkpoint_curve, eigen_angle_histogram, ev_by_site
+from polyrot.figures.bars import ig_vs_ap
+from polyrot.figures.steering import effect_vs_alpha
+
 # Low-rank embeddings leave R arbitrary off their span: figure 2 pools the other sites, as the audit does.
 from polyrot.stages.audit import EMBEDDING_SITES, HAAR_SEED, N_HAAR
-from polyrot.verify import node_runs
 
 REPORT = "report/report.md"
 TAG_REPORT = "polyrot.report"
@@ -60,23 +65,23 @@ def build_figures(exp: pipeline.Experiment, parent: Run) -> dict[str, object]:
         table = _csv(runs[node].info.run_id, "audit", "audit.csv")
         trained = table[table["kind"] == "trained"]
         if "target_checkpoint" in trained and trained["target_checkpoint"].nunique() > 1:
-            out[name("fig_cross_checkpoint", node, "audit")] = figures.checkpoint_curve(trained)
+            out[name("fig_cross_checkpoint", node, "audit")] = checkpoint_curve(trained)
         else:
-            out[name("fig1_ev_by_site", node, "audit")] = figures.ev_by_site(
+            out[name("fig1_ev_by_site", node, "audit")] = ev_by_site(
                 trained, title=f"Source SAE explained variance by site ({node})")
     rotations = [r for node in by_stage.get("fit_rotation", []) for r in _rotations(runs[node])]
     if rotations:
         stats = pooled_statistics(rotations, haar_seed=HAAR_SEED, n_haar=N_HAAR)
         angles = np.concatenate([eigen_angles(r.R) for r in rotations])
-        out["fig2_rotation_vs_haar.png"] = figures.eigen_angle_histogram(
+        out["fig2_rotation_vs_haar.png"] = eigen_angle_histogram(
             angles, haar_angles(rotations[0].d, N_HAAR, HAAR_SEED),
             {"statistic": stats["ks_statistic"], "pvalue": stats["ks_pvalue"]})
     for node in by_stage.get("bars", []):
         effects = _csv(runs[node].info.run_id, "bars", "effects.csv")
-        out[name("fig3_ig_vs_ap", node, "bars")] = figures.ig_vs_ap(effects)
+        out[name("fig3_ig_vs_ap", node, "bars")] = ig_vs_ap(effects)
     for node in by_stage.get("steering", []):
         table = _csv(runs[node].info.run_id, "steering", "steering.csv")
-        out[name("fig4_steering", node, "steering")] = steering_figures.effect_vs_alpha(
+        out[name("fig4_steering", node, "steering")] = effect_vs_alpha(
             table, title=f"Steering transfer ({node})")
     return out
 

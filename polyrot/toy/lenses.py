@@ -1,5 +1,5 @@
 """Lenses 1 and 4 of the paper (§3): per-head circuit norms from the weights, and the ReLU
-activation patterns the MLPs occupy on data. Lens 3's causal numbers live in polyrot.causal.
+activation patterns the MLPs occupy on data. Lens 3's causal numbers live in polyrot.toy.causal.
 
 Lens 1, on RMSNorm-folded weights (the gains would otherwise scale Q, K and V arbitrarily):
     |QK| = ||W_Q[h]ᵀ W_K[h]||_F   (d_model x d_model: which residual directions attend to which)
@@ -16,11 +16,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from polyrot.dyck import Batch, BatchSpec
-from polyrot.model import DyckTransformer, fold_rmsnorm
+from polyrot.toy.dyck import Batch
+from polyrot.toy.model import DyckTransformer, fold_rmsnorm
 
 # The paper counts patterns on 220,738 positions; 8192 sequences of lengths 2–48 give about as many.
-LENS4_SPEC = BatchSpec("lens4", seed=0, n_sequences=8192)
 
 
 @torch.no_grad()

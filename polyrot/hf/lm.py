@@ -29,13 +29,11 @@ from huggingface_hub import constants, scan_cache_dir, try_to_load_from_cache
 from huggingface_hub.file_download import repo_folder_name
 from tqdm.auto import tqdm
 
-from polyrot.device import resolve_device
+from polyrot.core.attribution import attribution_patching, integrated_gradients
+from polyrot.core.device import resolve_device
 from polyrot.errors import HubResolutionError, ParameterError, UnknownSiteError
+from polyrot.hf.config import CORPUS_SEED, DTYPES
 
-# The paper's Pythia settings (NUMBERS.md §5, §6j).
-PAPER_CORPUS = "monology/pile-uncopyrighted"
-CORPUS_SEED = 2026
-DTYPES = ("float32", "bfloat16", "float16")
 _SITE = re.compile(r"layer(\d+)_resid_(pre|post)")
 # Documents read between shuffles of a streamed corpus: enough to mix, little enough to start fast.
 SHUFFLE_BUFFER = 10_000
@@ -258,7 +256,7 @@ def _replace_output(block, value: torch.Tensor):
 
 def block_loss_of(model, tokens: torch.Tensor, layer: int):
     """loss_of(a): the mean next-token cross-entropy on `tokens` with block `layer`'s output set to a,
-    every later block recomputed (the form polyrot.causal's predictors take)."""
+    every later block recomputed (the form polyrot.toy.causal's predictors take)."""
     def loss_of(activation: torch.Tensor) -> torch.Tensor:
         handle = _replace_output(model.base_model.layers[layer], activation)
         try:
@@ -269,7 +267,7 @@ def block_loss_of(model, tokens: torch.Tensor, layer: int):
     return loss_of
 
 
-def block_attribution(model, tokens: torch.Tensor, *, ig_steps: int = 32, progress: bool = True):
+def block_attribution(model, tokens: torch.Tensor, *, ig_steps: int, progress: bool = True):
     """The paper's appendix D table: per block, the measured effect of replacing its output residual
     with its batch mean (Δ loss), and its AP and IG (ig_steps) predictions.
 
@@ -277,7 +275,6 @@ def block_attribution(model, tokens: torch.Tensor, *, ig_steps: int = 32, progre
     """
     import pandas as pd
 
-    from polyrot.causal import attribution_patching, integrated_gradients
 
     device = next(model.parameters()).device
     tokens = tokens.to(device)

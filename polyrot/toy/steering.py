@@ -41,8 +41,9 @@ from dataclasses import dataclass
 
 import torch
 
-from polyrot.dyck import CLOSERS, OPENERS, Batch
-from polyrot.model import DyckTransformer
+from polyrot.toy.dyck import Batch
+from polyrot.toy.model import DyckTransformer
+from polyrot.toy.task import CLOSERS, OPENERS
 
 # Half a percentage point of accuracy: below it an effect is indistinguishable from a few flipped rows.
 NEGLIGIBLE = 0.005

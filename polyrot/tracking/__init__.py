@@ -40,7 +40,7 @@ from polyrot.errors import (  # noqa: E402
     WrongStageError,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_EXPERIMENT = "polyrot"
 
 # Tag names: the contract that lineage checks, run reuse and the UI read.
@@ -118,8 +118,12 @@ def configure() -> MlflowClient:
     global _configured
     t_uri, r_uri = tracking_uri(), registry_uri()
     if _configured != (t_uri, r_uri):
-        from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+        from mlflow.store.model_registry.sqlalchemy_store import (
+            SqlAlchemyStore as RegistryStore,
+        )
+        from mlflow.store.tracking.sqlalchemy_store import (
+            SqlAlchemyStore as TrackingStore,
+        )
 
         db = _sqlite_path(t_uri)
         if db is not None:
@@ -401,4 +405,3 @@ def artifact_dir(run_id: str) -> Path:
     from urllib.parse import urlparse
     from urllib.request import url2pathname
     return Path(url2pathname(urlparse(uri).path))
-

@@ -1,10 +1,10 @@
-"""Stage `reproduce`: run a whole experiment from projects/ as a parent run linking every stage run.
+"""The `reproduce` entry point: run a whole experiment from projects/ as a parent run linking every stage run.
 
 The parent run's tags `polyrot.node.<id>` hold each node's run ID (reused or new) and
 `graph.json` records the graph with the commands that ran, so the result of a reproduction is one
 run ID from which everything else is reachable. At the end the experiment's claims are verified
-(polyrot.verify: the table goes to stderr, the verdicts onto the parent run) and the report is
-written (polyrot.report). The exit status says whether the stages ran, not whether the paper's
+(polyrot.experiments.verify: the table goes to stderr, the verdicts onto the parent run) and the report is
+written (polyrot.experiments.report). The exit status says whether the stages ran, not whether the paper's
 claims hold: `polyrot verify NAME` is the gate that exits 1 when a required claim fails.
 """
 
@@ -12,21 +12,12 @@ from __future__ import annotations
 
 import click
 
-from polyrot import claims, pipeline, report, tracking, verify
-from polyrot.stages.base import PARENT_RUN, Option, Stage, positive
+from polyrot import tracking
+from polyrot.experiments import claims, pipeline, report, verify
+from polyrot.stages import specs
 
-NAME = "reproduce"
-
-OPTIONS = (
-    Option("name", str, "dyck3-cohort-a", "experiment definition in projects/ (file stem)", positional=True),
-    Option("profile", str, "cpu", "parameter profile of the experiment: cpu or paper"),
-    Option("jobs", int, 1, "independent stages to run at once", check=positive),
-)
-
-
-# The MLflow experiment defaults to the experiment definition's own name, not to "polyrot".
-COMMON = (Option("experiment", str, None, "MLflow experiment to log the runs in [default: the definition's name]"),
-          PARENT_RUN)
+STAGE = specs.REPRODUCE
+NAME = STAGE.name
 
 
 def run(params: dict) -> str:
@@ -58,7 +49,3 @@ def run(params: dict) -> str:
         path = report.write_report(exp, reproduction, verdicts, log_to=parent)
         click.echo(f"report: {path}\nbrowse the runs: polyrot ui", err=True)
         return parent.run_id
-
-
-STAGE = Stage(NAME, "Run a whole experiment from projects/: reuse finished stages, run the rest.", OPTIONS, run,
-              code_version="1", common=COMMON)

@@ -26,14 +26,14 @@ import math
 import sysconfig
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from huggingface_hub.file_download import repo_folder_name
 from tqdm.auto import tqdm
 
-from polyrot.hf import quiet_transformers
+from polyrot.hf.config import NeoxRecipe
+from polyrot.hf.lm import quiet_transformers
 
 EOS = "<|endoftext|>"
 MIN_DOCSTRING = 40
@@ -87,27 +87,6 @@ def token_stream(corpus: str | Path, tokenizer) -> torch.Tensor:
         ids.extend(row)
         ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
-
-
-@dataclass(frozen=True)
-class NeoxRecipe:
-    """Architecture and training of a tiny seed; Pythia's shape (parallel residual, partial rotary, untied)."""
-
-    d_model: int = 64
-    n_layers: int = 4
-    n_heads: int = 4
-    d_mlp: int = 256
-    vocab_size: int = 1024
-    seq_len: int = 128
-    batch_size: int = 16
-    steps: int = 600
-    lr: float = 3e-3
-    warmup: int = 50
-    weight_decay: float = 0.01
-    heldout_fraction: float = 0.05
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def neox_config(recipe: NeoxRecipe, tokenizer):

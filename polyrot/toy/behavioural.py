@@ -33,10 +33,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from polyrot import dyck
-from polyrot.dyck import Batch, BatchSpec
 from polyrot.errors import ParameterError
-from polyrot.model import HEADS, DyckTransformer
+from polyrot.toy import dyck
+from polyrot.toy.dyck import Batch
+from polyrot.toy.model import HEADS, DyckTransformer
 
 EPS = 1e-6
 THRESHOLD = 1e-4
@@ -44,7 +44,6 @@ BATCH_SEQUENCES = 2048
 MIX = {"train": 0.6, "compositional": 0.2, "long": 0.2}
 LENGTHS = {"train": (2, 48), "long": (50, 60)}
 # The paper's cross-seed sample: 8 batches of 256 sequences, lengths 2–48, rng 99.
-CROSS_SPEC = BatchSpec("cross.bar_b", seed=99, n_sequences=2048)
 
 
 def kl_to_spec(logits: torch.Tensor, labels: torch.Tensor, eps: float = EPS) -> torch.Tensor:

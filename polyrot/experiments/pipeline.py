@@ -4,7 +4,7 @@ An experiment file names nodes; each node is one stage with its parameters. A pa
 "@node" is that node's run ID, "@prefix*" the comma-joined run IDs of every node whose id starts
 with prefix. `matrix` expands one node into several ("{seed}" in ids and values is replaced).
 `profiles` give per-stage default parameters (cpu, paper, ...) under the nodes' own. `claims`
-list the paper's claims the experiment tests (polyrot.claims). `mlflow_experiment` names the MLflow
+list the paper's claims the experiment tests (polyrot.experiments.claims). `mlflow_experiment` names the MLflow
 experiment its runs go to when that is not the definition's own name: an experiment that builds on
 another's runs (the cross-checkpoint curve on Cohort A's seed 0) shares its MLflow experiment and
 so reuses them.
@@ -33,12 +33,12 @@ from pathlib import Path
 
 import yaml
 
-from polyrot.claims import Claim, ClaimError, parse_claim
 from polyrot.errors import PolyrotError
+from polyrot.experiments.claims import Claim, ClaimError, parse_claim
 from polyrot.stages import STAGES
 from polyrot.stages.base import Stage
 
-PROJECTS = Path(__file__).resolve().parents[1] / "projects"
+PROJECTS = Path(__file__).resolve().parents[2] / "projects"
 _REF = re.compile(r"^@([A-Za-z0-9_.\-]+)(\*?)$")
 
 

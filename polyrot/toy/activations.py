@@ -12,8 +12,9 @@ from collections.abc import Iterable
 
 import torch
 
-from polyrot.dyck import Batch, BatchSpec
-from polyrot.model import DyckTransformer, resolve_site
+from polyrot.toy.dyck import Batch, make_batch
+from polyrot.toy.model import DyckTransformer, resolve_site
+from polyrot.toy.task import BatchSpec
 
 
 @torch.no_grad()
@@ -26,7 +27,7 @@ def extract(
 ) -> dict[str, torch.Tensor]:
     """{site: float32 [n_rows, d]} at the non-PAD positions of `batch`, in the documented row order."""
     if isinstance(batch, BatchSpec):
-        batch = batch.generate()
+        batch = make_batch(batch)
     names = [resolve_site(s, model.cfg) for s in sites]
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     model.eval()

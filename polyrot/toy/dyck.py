@@ -19,21 +19,20 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-PAD, BOS, EOS = 0, 1, 2
-OPENERS = (3, 5, 7)  # ( [ {
-CLOSERS = (4, 6, 8)  # ) ] }
-VOCAB_SIZE = 40  # ids 9..39 are unused; the embedding table is sized as in the paper
-N_CTX = 64
-MAX_DEPTH = 8
-N_DEPTH_CLASSES = MAX_DEPTH + 1
-MAX_CONTENT = N_CTX - 2  # BOS + content + EOS fills the context exactly at this length
-
-SPLITS = ("train", "compositional", "long")
-HEADS = ("tok", "depth", "valid")
-DEFAULT_LENGTHS = {"train": (2, 62), "long": (50, 60)}
-
-# Range of k for the k-deep single-family nest at the heart of each compositional sequence.
-NEST_DEPTHS = (3, MAX_DEPTH)
+from polyrot.toy.task import (
+    BOS,
+    CLOSERS,
+    DEFAULT_LENGTHS,
+    EOS,
+    MAX_CONTENT,
+    MAX_DEPTH,
+    N_CTX,
+    NEST_DEPTHS,
+    OPENERS,
+    PAD,
+    SPLITS,
+    BatchSpec,
+)
 
 
 @dataclass(frozen=True)
@@ -205,58 +204,7 @@ def generate(
     return label_tokens(_frame(content, lengths))
 
 
-@dataclass(frozen=True)
-class BatchSpec:
-    """A named batch that any stage regenerates bit-identically from these parameters alone.
-
-    min_len and max_len bound the content length; the compositional split ignores them.
-    """
-
-    name: str = "eval"
-    seed: int = 12345
-    n_sequences: int = 1024
-    min_len: int = 2
-    max_len: int = 48
-    split: str = "train"
-
-    def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"BatchSpec name must be a non-empty string, got {self.name!r}")
-        for key in ("seed", "n_sequences", "min_len", "max_len"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"BatchSpec {key} must be an int, got {value!r}")
-        if self.split not in SPLITS:
-            raise ValueError(f"unknown split {self.split!r}; expected one of {', '.join(SPLITS)}")
-        if self.n_sequences <= 0:
-            raise ValueError(f"BatchSpec n_sequences must be positive, got {self.n_sequences}")
-        if self.split != "compositional" and not 1 <= self.min_len <= self.max_len <= MAX_CONTENT:
-            raise ValueError(
-                f"BatchSpec needs 1 <= min_len <= max_len <= {MAX_CONTENT}, got {self.min_len}, {self.max_len}"
-            )
-
-    def generate(self) -> Batch:
-        lengths = None if self.split == "compositional" else (self.min_len, self.max_len)
-        return generate(self.split, self.n_sequences, self.seed, length_range=lengths)
-
-    def as_params(self, prefix: str = "batch") -> dict[str, str | int]:
-        return {f"{prefix}.{f.name}": getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_params(cls, params: dict, prefix: str = "batch") -> BatchSpec:
-        """Inverse of as_params; values may be strings (as logged params come back). Keys outside
-        the prefix are ignored, so a whole run's params can be passed in."""
-        own = {key[len(prefix) + 1 :]: value for key, value in params.items() if key.startswith(prefix + ".")}
-        # Every field has a default, whose type is the type to parse the logged value into.
-        types = {f.name: type(f.default) for f in fields(cls)}
-        unknown, missing = sorted(own.keys() - types.keys()), sorted(types.keys() - own.keys())
-        if unknown or missing:
-            raise ValueError(f"params under {prefix!r}: unknown {unknown}, missing {missing}")
-        try:
-            return cls(**{key: types[key](value) for key, value in own.items()})
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"bad BatchSpec params under {prefix!r}: {err}") from None
-
-
-EVAL_SPEC = BatchSpec()
-SAE_SPEC = BatchSpec(name="sae", seed=2026, n_sequences=4096)
+def make_batch(spec: BatchSpec) -> Batch:
+    """The labelled batch a spec names, bit-identical wherever it is made."""
+    lengths = None if spec.split == "compositional" else (spec.min_len, spec.max_len)
+    return generate(spec.split, spec.n_sequences, spec.seed, length_range=lengths)

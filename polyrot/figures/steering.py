@@ -1,4 +1,4 @@
-"""Figure builder for the steering stage: data in, a matplotlib Figure out (no pyplot, as figures.py)."""
+"""Figure builder for the steering stage: data in, a matplotlib Figure out (no pyplot, as in figures.audit)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Naming scheme (what `fit_rotation` registers):
 
 so `models:/polyrot.polyrot.resid_mid_1@s0-to-s3` names seed 0 <- seed 3 at resid_mid_1, and
 resolves through plain MLflow as well as through `load_rotation`. Each version is an MLflow 3
-LoggedModel holding `rotation.safetensors` (polyrot.rotation.Rotation: R, both means, provenance
+LoggedModel holding `rotation.safetensors` (polyrot.core.rotation.Rotation: R, both means, provenance
 in the header) and `rotation.json` (the same provenance and the statistics, readable); no pickle,
 no pyfunc. A plain run artifact cannot be registered, hence the LoggedModel. Version tags carry
 the site, run IDs, seeds and the file's sha256, which `find_rotation` / `list_rotations` search
@@ -31,8 +31,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from polyrot import tracking
-from polyrot.errors import ArtifactCorruptError, ArtifactMissingError, ParameterError, PolyrotError
-from polyrot.rotation import Rotation
+from polyrot.core.rotation import Rotation
+from polyrot.errors import (
+    ArtifactCorruptError,
+    ArtifactMissingError,
+    ParameterError,
+    PolyrotError,
+)
 
 WEIGHTS_FILE = "rotation.safetensors"
 METADATA_FILE = "rotation.json"

@@ -8,55 +8,35 @@ Measured effect of a component: replace its contribution at every position with 
 (over the non-PAD positions of a separate means batch) and take the change of the training loss,
 the sum over the three heads of the masked mean cross-entropy (train.loss_fn).
 
-Predicted effect, for a scalar loss L of one activation a with baseline b (here: a component with
-the rest of the model downstream recomputed):
-
-    AP  attribution patching   <dL/da (a), b - a>
-    IG  integrated gradients   <b - a, (1/n) sum_{k=1..n} dL/da (a_k)>,  a_k = (k/n) a + (1 - k/n) b
-
-IG with n = 1 is AP. By completeness IG tends to L(b) - L(a), the measured effect, as n grows, so
-IG tracks mean ablation while AP, a first-order guess near a converged minimum, need not (§3.3).
-`attribution_patching` and `integrated_gradients` take any `loss_of(activation) -> scalar`, so
-they serve other models (Hugging Face blocks) as they are.
+Predicted effect: attribution patching and integrated gradients (polyrot.core.attribution) at
+the clean run. IG tracks mean ablation while AP, a first-order guess near a converged minimum,
+need not (§3.3).
 
 Bars: C is the Pearson r of predicted against measured effects on one means / evaluation batch
-pair (C_MEANS, C_EVAL), Pr the same r on another (PR_MEANS, PR_EVAL); cross-seed, the reference's
-IG predicts the effects measured on an aligned replication (CROSS_MEANS, CROSS_EVAL).
+pair (task.C_MEANS, task.C_EVAL), Pr the same r on another (task.PR_MEANS, task.PR_EVAL); cross-seed,
+the reference's IG predicts the effects measured on an aligned replication (task.CROSS_MEANS,
+task.CROSS_EVAL).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import fields
 
-import numpy as np
 import pandas as pd
-import scipy.stats
 import torch
 from tqdm.auto import tqdm
 
-from polyrot.activations import extract
-from polyrot.dyck import Batch, BatchSpec
-from polyrot.errors import ParameterError
-from polyrot.model import DyckTransformer, ModelConfig
-from polyrot.train import loss_fn
-
-# The paper's batches (NUMBERS.md §4): means over 4096 (C), 2048 (Pr) and 1024 (cross-seed)
-# sequences, evaluation on 256 sequences, all of content length 2–48; rng 7 for C, 11 for Pr.
-C_MEANS = BatchSpec("bar_c.means", seed=0, n_sequences=4096)
-C_EVAL = BatchSpec("bar_c.eval", seed=7, n_sequences=256)
-PR_MEANS = BatchSpec("bar_pr.means", seed=0, n_sequences=2048)
-PR_EVAL = BatchSpec("bar_pr.eval", seed=11, n_sequences=256)
-CROSS_MEANS = BatchSpec("cross.means", seed=0, n_sequences=1024)
-CROSS_EVAL = C_EVAL
-# Lens 3's batches (ACDC): means over 2048 sequences, effects on a 256-sequence batch of rng 42.
-LENS_MEANS = PR_MEANS
-LENS_EVAL = BatchSpec("lens3.eval", seed=42, n_sequences=256)
-
-IG_STEPS = 32
-ACDC_THRESHOLD = 1e-3
-
-LossOf = Callable[[torch.Tensor], torch.Tensor]
+from polyrot.core.attribution import (
+    LossOf,
+    attribution_patching,
+    check_steps,
+    integrated_gradients,
+)
+from polyrot.toy.activations import extract
+from polyrot.toy.dyck import Batch
+from polyrot.toy.model import DyckTransformer, ModelConfig
+from polyrot.toy.train import loss_fn
 
 
 def components(cfg: ModelConfig) -> list[str]:
@@ -104,35 +84,6 @@ def component_loss_of(model: DyckTransformer, batch: Batch, component: str) -> L
     return loss_of
 
 
-def _check_steps(n_steps: int) -> None:
-    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps <= 0:
-        raise ParameterError(f"integrated gradients needs a positive number of steps, got {n_steps!r}")
-
-
-def integrated_gradients(loss_of: LossOf, clean: torch.Tensor, baseline: torch.Tensor,
-                         n_steps: int = IG_STEPS) -> float:
-    """Predicted L(baseline) - L(clean): the right Riemann sum (alpha = k/n, k = 1..n) of the
-    gradient along alpha * clean + (1 - alpha) * baseline, dotted with baseline - clean.
-
-    `baseline` broadcasts against `clean` (a [d] mean against [B, T, d] activations).
-    """
-    _check_steps(n_steps)
-    clean = clean.detach()
-    baseline = baseline.detach().to(clean.dtype).expand_as(clean)
-    grad_sum = torch.zeros_like(clean, dtype=torch.float64)
-    for k in range(1, n_steps + 1):
-        alpha = k / n_steps
-        point = (alpha * clean + (1 - alpha) * baseline).requires_grad_(True)
-        (grad,) = torch.autograd.grad(loss_of(point), point)
-        grad_sum += grad.to(torch.float64)
-    return float(((baseline - clean).to(torch.float64) * grad_sum).sum() / n_steps)
-
-
-def attribution_patching(loss_of: LossOf, clean: torch.Tensor, baseline: torch.Tensor) -> float:
-    """Predicted L(baseline) - L(clean) to first order: <dL/da at clean, baseline - clean>."""
-    return integrated_gradients(loss_of, clean, baseline, n_steps=1)
-
-
 @torch.no_grad()
 def ablation_effects(model: DyckTransformer, batch: Batch,
                      means: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
@@ -155,10 +106,10 @@ def trim(batch: Batch) -> Batch:
 
 
 def effect_table(model: DyckTransformer, batch: Batch, means: Mapping[str, torch.Tensor], *,
-                 ig_steps: int = IG_STEPS, ap: bool = True, progress: bool = False) -> pd.DataFrame:
+                 ig_steps: int, ap: bool = True, progress: bool = False) -> pd.DataFrame:
     """One row per component: measured mean-ablation effect, its IG prediction and (with `ap`)
     its AP prediction; the clean loss is in `table.attrs["clean_loss"]`."""
-    _check_steps(ig_steps)
+    check_steps(ig_steps)
     model.eval()
     batch = trim(batch)
     clean_loss, measured = ablation_effects(model, batch, means)
@@ -176,15 +127,7 @@ def effect_table(model: DyckTransformer, batch: Batch, means: Mapping[str, torch
     return table
 
 
-def pearson(predicted, measured) -> float:
-    """Pearson r; NaN when either side is constant (no linear relation to speak of)."""
-    x, y = np.asarray(predicted, dtype=np.float64), np.asarray(measured, dtype=np.float64)
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(scipy.stats.pearsonr(x, y).statistic)
-
-
-def acdc_heads(effects: Mapping[str, float], threshold: float = ACDC_THRESHOLD) -> tuple[list[str], list[str]]:
+def acdc_heads(effects: Mapping[str, float], threshold: float) -> tuple[list[str], list[str]]:
     """(kept, dropped) attention heads: a head is kept when its effective ablation loss (the
     mean-ablation effect) exceeds `threshold`, as the paper's ACDC-style pruning does."""
     heads = [name for name in effects if is_head(name)]

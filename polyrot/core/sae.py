@@ -10,9 +10,7 @@ growing W_dec. Weights are stored as safetensors next to a cfg.json that is
 enough to rebuild the module.
 """
 
-import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,74 +19,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from polyrot import metrics
+from polyrot.core import metrics
+from polyrot.core.sae_config import SAEConfig
 
-KINDS = ("sae", "transcoder")
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 EVAL_CHUNK = 16384  # rows per forward pass in evaluation, bounding the [rows, d_sae] activations
-
-
-@dataclass
-class SAEConfig:
-    """Everything needed to rebuild or retrain an SAE; saved verbatim as cfg.json.
-
-    seed drives both the initialisation and the batch sampling. site, model_run_id
-    and model_checkpoint record where the training activations came from.
-    """
-
-    d_in: int
-    expansion: int
-    l1: float = 1e-3
-    lr: float = 5e-4
-    batch_size: int = 4096
-    steps: int = 4000
-    seed: int = 0
-    kind: str = "sae"
-    d_out: int | None = None  # None means d_in; an SAE must reconstruct its own input
-    site: str | None = None
-    model_run_id: str | None = None
-    eval_every: int = 500
-    model_checkpoint: str | None = None  # None: the run's final weights
-
-    def __post_init__(self):
-        def positive_int(name):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"SAEConfig.{name} must be a positive int, got {value!r}")
-
-        if self.kind not in KINDS:
-            raise ValueError(f"SAEConfig.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.d_out is None:
-            self.d_out = self.d_in
-        for name in ("d_in", "d_out", "expansion", "batch_size", "steps", "eval_every"):
-            positive_int(name)
-        if self.kind == "sae" and self.d_out != self.d_in:
-            raise ValueError(f"SAEConfig.d_out must equal d_in for kind='sae', got {self.d_out} != {self.d_in}")
-        if not self.l1 >= 0:
-            raise ValueError(f"SAEConfig.l1 must be >= 0, got {self.l1!r}")
-        if not self.lr > 0:
-            raise ValueError(f"SAEConfig.lr must be > 0, got {self.lr!r}")
-
-    @property
-    def d_sae(self) -> int:
-        return self.expansion * self.d_in
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SAEConfig":
-        if not isinstance(d, dict):
-            raise ValueError(f"SAEConfig.from_dict needs a dict, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown SAEConfig fields: {sorted(unknown)}")
-        try:
-            return cls(**d)
-        except TypeError as e:  # a required field is missing
-            raise ValueError(f"bad SAEConfig: {e}") from None
 
 
 class SparseAutoencoder(torch.nn.Module):

@@ -2,7 +2,7 @@
 
 A reproduction is a FINISHED `reproduce` run (the parent) whose `polyrot.node.<id>` tags name
 the run of every node. `verify` reads those runs' metrics, evaluates the experiment's claims
-(polyrot.claims) and writes the verdicts back onto the parent run:
+(polyrot.experiments.claims) and writes the verdicts back onto the parent run:
 
   metrics   claim.<id>.value   the measured (reduced) value
             claim.<id>.pass    1 or 0 (absent when the claim was not measured)
@@ -15,10 +15,18 @@ from __future__ import annotations
 
 from mlflow.entities import Run
 
-from polyrot.claims import MISSING, PASS, Verdict, evaluate, failed_required, verdict_table
-from polyrot.errors import LineageError
 # A module import: pipeline -> stages -> reproduce -> verify runs while pipeline is half-built.
-from polyrot import pipeline, tracking
+from polyrot import tracking
+from polyrot.errors import LineageError
+from polyrot.experiments import pipeline
+from polyrot.experiments.claims import (
+    MISSING,
+    PASS,
+    Verdict,
+    evaluate,
+    failed_required,
+    verdict_table,
+)
 
 TAG_DEFINITION = "polyrot.experiment_definition"
 TAG_NODE = "polyrot.node."

@@ -1,0 +1,296 @@
+"""Every stage's specification: its name, options, help and code version, in one place.
+
+The click CLI builds one subcommand per Stage here and `polyrot mlproject` writes the MLproject
+entry points from the same objects, so the two cannot drift apart. Nothing here imports torch,
+mlflow, transformers or matplotlib: a stage's module (`polyrot.stages.<name>`, or the one its
+spec names) loads only when the stage runs, so `polyrot --help` answers at once.
+
+Defaults come from the worlds' plain-data modules (polyrot.toy.task, polyrot.toy.recipe,
+polyrot.hf.config, polyrot.core.sae_config), never from a copy of their numbers.
+"""
+
+from __future__ import annotations
+
+from polyrot.core.sae_config import KINDS, SAEConfig
+from polyrot.hf.config import CORPUS_SEED, DTYPES, PAPER_CORPUS, NeoxRecipe
+from polyrot.stages.base import (
+    PARENT_RUN,
+    REQUIRED,
+    Option,
+    Stage,
+    batch_options,
+    non_negative,
+    positive,
+    unit_interval,
+)
+from polyrot.toy import task
+from polyrot.toy.recipe import PROFILES
+from polyrot.toy.task import EVAL_SPEC, SAE_SPEC
+
+# The paper's analysis constants that more than one stage exposes as an option default.
+IG_STEPS = 32            # integrated-gradients path points (bars and the Pythia attribution, §7)
+ACDC_THRESHOLD = 1e-3    # effective ablation loss a head must exceed to survive ACDC pruning (lens 3)
+BARS_SAMPLES = 32768     # Bar B sequences: 16 batches of 2048 (paper: 10^7); 20-80 s per model on one core
+STEERING_ALPHAS = "0.5,1,2,4"  # the paper's doses
+HF_STEERING_SEQUENCES = 64     # sequences of a Hugging Face source's sample steering is measured on (§6g)
+
+THREADS = Option("threads", int, 0, "torch threads (0: torch's default)", check=non_negative)
+CHECKPOINT = Option("checkpoint", str, None, "use this checkpoint of the train_seed runs (first-0.99, "
+                    "step-002000, ...) instead of their final weights")
+# A Hugging Face model and its corpus sample: hf_activations and hf_attribution load models alike.
+HF_MODEL_OPTIONS = (
+    Option("model", str, None, "hub name (EleutherAI/pythia-70m-seed1) or local folder of a causal LM"),
+    Option("model_run", str, None, "train_neox run ID whose stored revisions are loaded (instead of --model)"),
+    Option("revision", str, None, "hub branch, tag or commit (step143000, step3000, ...); default main"),
+    Option("cache_dir", str, None, "hub cache to resolve --model in; default huggingface_hub's"),
+    Option("corpus", str, None, "hub dataset (streamed) or local text file; default: the paper's "
+           f"{PAPER_CORPUS} for --model, the training corpus for --model-run"),
+    Option("split", str, "train", "split of a hub corpus"),
+    Option("text_field", str, "text", "field holding a hub corpus' text"),
+)
+HF_RUNTIME_OPTIONS = (
+    Option("device", str, "auto", "torch device; auto: CUDA when present"),
+    Option("dtype", str, "float32", "dtype the model runs in", choices=DTYPES),
+    THREADS,
+)
+
+
+TRAIN_SEED = Stage(
+    "train_seed", "Train one Dyck-3 seed and log its model, checkpoints and accuracy.",
+    (
+        Option("seed", int, None, "model seed (init and data stream); default 0"),
+        Option("profile", str, "cpu", "training recipe: cpu (2-core default) or paper", choices=tuple(PROFILES)),
+        Option("batch_size", int, None, "sequences per step", check=positive),
+        Option("max_steps", int, None, "step budget (the cosine schedule spans it)", check=positive),
+        Option("lr", float, None, "peak learning rate", check=positive),
+        Option("eval_every", int, None, "steps between held-out evaluations", check=positive),
+        Option("target_acc", float, None, "early-stop target: min held-out accuracy over split x head",
+               check=unit_interval),
+        Option("extra_steps", int, None, "steps to continue after first confirming target_acc", check=non_negative),
+        Option("checkpoint_every", int, None, "steps between checkpoint artifacts", check=positive),
+        Option("p_corrupt", float, None, "fraction of valid walks given one wrong-family closer",
+               check=lambda v: None if 0 <= v <= 1 else "must lie in [0, 1]"),
+        Option("eval_sequences", int, None, "held-out sequences per split at each evaluation (default 2048)",
+               check=positive),
+        Option("confirm_sequences", int, None, "held-out sequences per split that confirm a milestone and score "
+               "the final model (default 16384, ~10^6 tokens)", check=positive),
+        Option("shared_io_from", str, None, "train_seed run ID whose W_E and unembeddings are copied and frozen (Cohort A)"),
+        Option("resume", str, None, "train_seed run ID to continue from its last checkpoint (the recipe comes from it)"),
+        Option("threads", int, 0, "torch threads (0: torch's default); 1 makes training bit-reproducible",
+               check=non_negative),
+        Option("device", str, None, "cpu, cuda or cuda:N; default: CUDA when torch sees one (bf16 autocast there, "
+               "as the paper), else the CPU"),
+    ),
+    code_version="1",
+)
+
+
+ACTIVATIONS = Stage(
+    "activations", "Extract a model's activations at named sites on a batch spec and store them.",
+    (
+        Option("model_run", str, REQUIRED, "train_seed run ID whose model is run"),
+        Option("sites", str, REQUIRED, "comma-separated sites, e.g. resid_mid_0,resid_mid_1"),
+        *batch_options(EVAL_SPEC),
+        Option("float16", bool, False, "store float16 (half the size; no longer bit-identical to recomputing)"),
+        THREADS,
+    ),
+    code_version="1",
+)
+
+
+TRAIN_SAE = Stage(
+    "train_sae", "Train an SAE or transcoder on a model's activations at one site (or several, grouped).",
+    (
+        Option("model_run", str, None, "train_seed run ID: activations are extracted on the fly"),
+        Option("activations_run", str, None, "activations run ID to train on (instead of --model-run)"),
+        Option("site", str, None, "site to train on, e.g. resid_mid_1"),
+        Option("sites", str, None, "comma-separated sites: one child run per site under a group run"),
+        Option("layer", int, None, "transcoder layer L: reads ln2_out_L, predicts mlp_out_L", check=non_negative),
+        Option("kind", str, SAEConfig.kind, "sae, or transcoder (MLP input to MLP output)", choices=KINDS),
+        Option("expansion", int, 8, "latents per input dimension", check=positive),
+        Option("l1", float, SAEConfig.l1, "L1 coefficient on the mean ||f||_1", check=non_negative),
+        Option("steps", int, SAEConfig.steps, "Adam steps", check=positive),
+        Option("lr", float, SAEConfig.lr, "Adam learning rate", check=positive),
+        Option("batch_size", int, SAEConfig.batch_size, "rows per step", check=positive),
+        Option("sae_seed", int, SAEConfig.seed, "seed of the initialisation and of the batch sampling"),
+        Option("eval_every", int, SAEConfig.eval_every, "steps between metric evaluations on the training data",
+               check=positive),
+        *batch_options(SAE_SPEC),
+        *batch_options(EVAL_SPEC, prefix="heldout"),
+        CHECKPOINT,
+        THREADS,
+    ),
+    code_version="1",
+)
+
+
+FIT_ROTATION = Stage(
+    "fit_rotation", "Fit, log and register the rotation between two seeds' residual streams at each site.",
+    (
+        Option("source", str, REQUIRED, "train_seed run ID of the source model (rotations map into its frame)"),
+        Option("target", str, REQUIRED, "train_seed run ID of the target model"),
+        Option("sites", str, None, "comma-separated residual-width sites; default: every residual site"),
+        Option("alias", str, None, "registry alias of the pair; default s<source seed>-to-s<target seed>"),
+        *batch_options(EVAL_SPEC),
+    ),
+    code_version="1",
+)
+
+
+AUDIT = Stage(
+    "audit", "Audit how a seed's SAEs transfer to other seeds, raw and rotated, beside an untrained pair.",
+    (
+        Option("source", str, REQUIRED, "train_seed run ID of the source model"),
+        Option("saes", str, REQUIRED, "comma-separated train_sae run IDs on the source model, one per site "
+               "(a multi-site group run stands for its children)"),
+        Option("targets", str, REQUIRED, "comma-separated train_seed run IDs of the target models"),
+        Option("target_saes", str, None, "train_sae run IDs on target models (groups too), for decoder cosine"),
+        Option("null", str, None, "'A,B': seeds of two untrained models audited beside the trained pairs"),
+        Option("null_sae_steps", int, None, "steps of the untrained source's SAEs; default: the source SAE's",
+               check=positive),
+        Option("gaussian_seed", int, 7, "seed of the Gaussian baseline samples"),
+        *batch_options(EVAL_SPEC),
+        CHECKPOINT,
+        Option("target_checkpoints", str, None, "comma-separated checkpoints of the targets to audit (final: the "
+               "final weights), each against the source; default: --checkpoint"),
+        THREADS,
+    ),
+    code_version="1",
+)
+
+
+STEERING = Stage(
+    "steering", "Build the toy steering vectors on a source seed and measure how they transfer, raw and rotated.",
+    (
+        Option("source", str, REQUIRED, "train_seed run ID whose activations define the steering vectors"),
+        Option("targets", str, REQUIRED, "comma-separated train_seed run IDs the vectors are transferred to"),
+        Option("site", str, "resid_mid_1", "residual site the vectors are built at and added to"),
+        Option("alphas", str, STEERING_ALPHAS, "comma-separated positive doses alpha (alpha * vector is added)"),
+        Option("use_registry", bool, False, "rotate with the registered rotation of each pair instead of fitting "
+               "one on the batch"),
+        Option("control_seed", int, 0, "seed of the random control directions"),
+        Option("controls", int, 8, "random control directions per vector; a control's effect is their mean",
+               check=positive),
+        Option("sentences", str, None, "hf_activations runs: YAML of contrastive sentence sets; default "
+               "projects/steering/pythia.yaml"),
+        Option("eval_sequences", int, None, "hf_activations runs: sequences of the source's sample the effect is "
+               f"measured on; default {HF_STEERING_SEQUENCES}", check=positive),
+        *batch_options(EVAL_SPEC),
+        THREADS,
+    ),
+    code_version="5",
+)
+
+
+BARS = Stage(
+    "bars", "Score models on the paper's four bars, within seed and against an aligned reference.",
+    (
+        Option("reference", str, REQUIRED, "train_seed run ID of the primary seed: models are aligned to it and its "
+               "IG predicts their effects"),
+        Option("models", str, REQUIRED, "comma-separated train_seed run IDs to score (may include the reference)"),
+        Option("samples", int, BARS_SAMPLES, "Bar B sequences per model (paper: 10^7)", check=positive),
+        Option("ig_steps", int, IG_STEPS, "integrated-gradients path points", check=positive),
+        Option("eval_sequences", int, task.C_EVAL.n_sequences, "sequences of each causal evaluation batch",
+               check=positive),
+        Option("means_sequences", int, None, "sequences of each component-means batch; default the paper's "
+               "4096 (C), 2048 (Pr), 1024 (cross)", check=positive),
+        Option("starts", int, 16, "head-permutation starts of the symmetry search", check=positive),
+        Option("outer_iters", int, 6, "coordinate-descent iterations per start", check=positive),
+        Option("cayley_iters", int, 400, "Cayley refinement steps of the residual rotation", check=non_negative),
+        Option("lambdas", str, None, "comma-separated joint-loss weights to sweep (paper: 0,0.1,1,10,100)"),
+        Option("decoy", bool, False, "also score the reference's decoy (depth unembedding rows averaged in pairs)"),
+        CHECKPOINT,
+        THREADS,
+    ),
+    code_version="1",
+)
+
+
+LENSES = Stage(
+    "lenses", "Lens 1 head norms, ACDC-style head pruning and lens 4 activation patterns per model.",
+    (
+        Option("models", str, REQUIRED, "comma-separated train_seed run IDs"),
+        Option("acdc_threshold", float, ACDC_THRESHOLD, "effective ablation loss a head must exceed to be kept",
+               check=non_negative),
+        Option("lens4_sequences", int, task.LENS4_SPEC.n_sequences, "sequences whose positions lens 4 counts "
+               "patterns on", check=positive),
+        CHECKPOINT,
+        THREADS,
+    ),
+    code_version="1",
+)
+
+
+TRAIN_NEOX = Stage(
+    "train_neox", "Train one tiny GPT-NeoX seed on a local corpus; store its revisions as a hub cache.",
+    (
+        Option("seed", int, REQUIRED, "torch seed of the initialisation and of the data order"),
+        Option("repo_id", str, None, "hub name the seed is stored under; default polyrot/neox-tiny-seed<seed>"),
+        Option("corpus", str, None, "local text file, one document per line; default: the stdlib's docstrings"),
+        Option("d_model", int, NeoxRecipe.d_model, "residual width", check=positive),
+        Option("n_layers", int, NeoxRecipe.n_layers, "blocks", check=positive),
+        Option("n_heads", int, NeoxRecipe.n_heads, "attention heads per block", check=positive),
+        Option("d_mlp", int, NeoxRecipe.d_mlp, "MLP width", check=positive),
+        Option("vocab_size", int, NeoxRecipe.vocab_size, "BPE vocabulary size", check=positive),
+        Option("seq_len", int, NeoxRecipe.seq_len, "training window (and context) length", check=positive),
+        Option("batch_size", int, NeoxRecipe.batch_size, "windows per step", check=positive),
+        Option("steps", int, NeoxRecipe.steps, "AdamW steps", check=positive),
+        Option("lr", float, NeoxRecipe.lr, "peak learning rate", check=positive),
+        Option("warmup", int, NeoxRecipe.warmup, "linear warmup steps", check=non_negative),
+        Option("weight_decay", float, NeoxRecipe.weight_decay, "AdamW weight decay on matrices", check=non_negative),
+        Option("checkpoint_steps", str, "0", "comma-separated steps stored as revisions step<N> (0: the initialisation)"),
+        Option("cache_dir", str, None, "also write the revisions into this hub cache"),
+        THREADS,
+    ),
+    code_version="1",
+)
+
+
+HF_ACTIVATIONS = Stage(
+    "hf_activations", "Hidden states of a Hugging Face causal LM at residual sites on a seeded corpus sample.",
+    (
+        *HF_MODEL_OPTIONS,
+        Option("sequences", int, 256, "sequences in the sample", check=positive),
+        Option("tokens", int, 256, "tokens per sequence", check=positive),
+        Option("corpus_seed", int, CORPUS_SEED, "seed of the document order"),
+        Option("sites", str, None, "comma-separated sites; default every residual site"),
+        Option("batch_size", int, 8, "sequences per forward pass", check=positive),
+        Option("label", str, None, "short name of the model in tables and aliases; default from name and revision"),
+        *HF_RUNTIME_OPTIONS,
+    ),
+    code_version="1",
+)
+
+
+HF_ATTRIBUTION = Stage(
+    "hf_attribution", "Per block of a Hugging Face causal LM: mean-ablation effect against its AP and IG predictions.",
+    (
+        *HF_MODEL_OPTIONS,
+        Option("sequences", int, 8, "sequences in the sample", check=positive),
+        Option("tokens", int, 128, "tokens per sequence", check=positive),
+        Option("corpus_seed", int, CORPUS_SEED, "seed of the document order"),
+        Option("ig_steps", int, IG_STEPS, "integrated-gradients path points", check=positive),
+        *HF_RUNTIME_OPTIONS,
+    ),
+    code_version="1",
+)
+
+
+REPRODUCE = Stage(
+    "reproduce", "Run a whole experiment from projects/: reuse finished stages, run the rest.",
+    (
+        Option("name", str, "dyck3-cohort-a", "experiment definition in projects/ (file stem)", positional=True),
+        Option("profile", str, "cpu", "parameter profile of the experiment: cpu or paper"),
+        Option("jobs", int, 1, "independent stages to run at once", check=positive),
+    ),
+    code_version="1",
+    # The MLflow experiment defaults to the experiment definition's own name, not to "polyrot".
+    common=(Option("experiment", str, None, "MLflow experiment to log the runs in [default: the definition's name]"),
+            PARENT_RUN),
+    module="polyrot.experiments.reproduce",
+)
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    TRAIN_SEED, ACTIVATIONS, TRAIN_SAE, FIT_ROTATION, AUDIT, STEERING, BARS, LENSES, TRAIN_NEOX, HF_ACTIVATIONS,
+    HF_ATTRIBUTION, REPRODUCE,
+)}

@@ -1,0 +1,87 @@
+"""Training recipes of a Dyck-3 seed as plain data: the paper's profile, the CPU profile and the
+resolved TrainConfig a run logs. No torch here, so that the stage specifications read them cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from polyrot.errors import ParameterError
+
+# The paper's recipe (NUMBERS.md §3): batch 512, up to 60k steps, eval every 500,
+# stop 10k steps after first reaching 99.99% min held-out accuracy.
+PAPER = dict(
+    batch_size=512, max_steps=60_000, lr=3e-3, warmup_steps=500, min_lr_ratio=0.02,
+    weight_decay=1e-4, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_every=500,
+    target_acc=0.9999, extra_steps=10_000, checkpoint_every=5_000, p_corrupt=0.0,
+)
+# The CPU default: the paper's optimiser and schedule shape, sized for 2 cores (see README). At
+# batch 128 the paper's peak lr of 3e-3 leaves the depth head noisy on long sequences, and the
+# valid head's hard case (a wrong-family closer deep in the stack) is rare in the paper's mix, so
+# a quarter of the valid walks get one such closer.
+CPU = dict(
+    PAPER, batch_size=128, max_steps=12_000, lr=2e-3, eval_every=500,
+    extra_steps=1_000, checkpoint_every=2_000, p_corrupt=0.25,
+)
+PROFILES = {"cpu": CPU, "paper": PAPER}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    profile: str = "cpu"
+    batch_size: int = CPU["batch_size"]
+    max_steps: int = CPU["max_steps"]
+    lr: float = CPU["lr"]
+    warmup_steps: int = CPU["warmup_steps"]
+    min_lr_ratio: float = CPU["min_lr_ratio"]
+    weight_decay: float = CPU["weight_decay"]
+    beta1: float = CPU["beta1"]
+    beta2: float = CPU["beta2"]
+    grad_clip: float = CPU["grad_clip"]
+    eval_every: int = CPU["eval_every"]
+    target_acc: float = CPU["target_acc"]
+    extra_steps: int = CPU["extra_steps"]
+    checkpoint_every: int = CPU["checkpoint_every"]
+    # Fraction of valid-walk training sequences given one wrong-family closer: the valid head's
+    # hardest case (a first violation deep in the stack) is rare in the paper's mix.
+    p_corrupt: float = CPU["p_corrupt"]
+    eval_sequences: int = 2048      # per split, at every evaluation
+    confirm_sequences: int = 16384  # per split, to confirm a crossing of target_acc (~10^6 tokens)
+    threads: int = 0                # torch threads; 0 keeps torch's default
+    # Where the loop runs (auto: CUDA when present). On CUDA the forward and loss run under bf16
+    # autocast with fp32 master weights, as the paper trained; on the CPU everything stays fp32.
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.profile not in PROFILES:
+            raise ParameterError(f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
+        for name in ("batch_size", "max_steps", "eval_every", "checkpoint_every", "eval_sequences",
+                     "confirm_sequences"):
+            if getattr(self, name) <= 0:
+                raise ParameterError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ParameterError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "extra_steps", "weight_decay", "threads"):
+            if getattr(self, name) < 0:
+                raise ParameterError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if not 0 < self.target_acc <= 1:
+            raise ParameterError(f"target_acc must be in (0, 1], got {self.target_acc}")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.p_corrupt <= 1:
+            raise ParameterError("min_lr_ratio and p_corrupt must lie in [0, 1]")
+
+    @classmethod
+    def from_profile(cls, profile: str = "cpu", **overrides) -> TrainConfig:
+        if profile not in PROFILES:
+            raise ParameterError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        base = {k: v for k, v in PROFILES[profile].items()}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(profile=profile, **base)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
