@@ -202,7 +202,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}; load average at start: {load_average()}")
     stream = TrainingStream(args.seed, cfg.p_corrupt)
-    gap = check_same_training(args.seed, cfg, [stream.next(64) for _ in range(CHECK_STEPS)])
+    gap = check_same_training(args.seed, cfg, [stream.next(64)[0] for _ in range(CHECK_STEPS)])
     print(f"same function: {CHECK_STEPS} training steps from the same weights, largest loss gap {gap:.1e}")
     # Generation is numpy, which torch's thread count does not touch: one measurement serves all.
     generation_s = chunk_generation_seconds(args.seed, cfg.p_corrupt)
@@ -216,7 +216,7 @@ def main() -> None:
         for batch_size in args.batch_sizes:
             stream = TrainingStream(args.seed, cfg.p_corrupt)
             steps = max(1, args.steps * max(args.batch_sizes) // batch_size)
-            batches = [stream.next(batch_size) for _ in range(steps)]
+            batches = [stream.next(batch_size)[0] for _ in range(steps)]
             tokens = sum(int(b.mask.sum()) for b in batches)
             seconds = measure(args.seed, cfg, batches, args.rounds)
             # Same tokens on both sides, so the throughput ratio is the inverse ratio of times.

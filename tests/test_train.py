@@ -1,14 +1,23 @@
+from collections import Counter
+
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from polyrot.core.device import resolve_device
 from polyrot.errors import ParameterError
+from polyrot.toy import dyck
+from polyrot.toy.model import DyckTransformer
 from polyrot.toy.recipe import PAPER, TrainConfig
 from polyrot.toy.train import (
+    CHUNK_ROWS,
     EvalSets,
+    TrainingStream,
     checkpoint_payload,
     evaluate,
     learning_rate,
+    loss_fn,
     new_state,
     restore_checkpoint,
     train,
@@ -95,3 +104,82 @@ def test_training_returns_its_state_on_the_cpu():
     assert {p.device.type for p in state.model.parameters()} == {"cpu"}
     moments = [v for s in state.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     assert moments and {v.device.type for v in moments} == {"cpu"}
+
+
+def padded_loss_and_grads(model, batch, tokens=None):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model(batch.tokens), batch, tokens)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_a_trimmed_batch_gives_the_padded_batchs_loss_and_gradients():
+    model = DyckTransformer(seed=0)
+    batch = dyck.generate("train", 32, seed=5, length_range=(2, 20))
+    assert batch.tokens.shape[1] == 64 and batch.trimmed().tokens.shape[1] == 22  # BOS + 20 + EOS
+    for tokens in (None, 123.0):
+        loss, grads = padded_loss_and_grads(model, batch, tokens)
+        trimmed_loss, trimmed_grads = padded_loss_and_grads(model, batch.trimmed(), tokens)
+        assert trimmed_loss == pytest.approx(loss, rel=1e-6)
+        assert all(torch.allclose(trimmed_grads[n], grads[n], rtol=1e-5, atol=1e-7) for n in grads)
+
+
+def test_length_buckets_partition_the_chunk_into_trimmed_batches_of_like_length():
+    chunk = dyck.generate("train", 1000, seed=3)
+    buckets = dyck.length_buckets(chunk, 64, np.random.default_rng(0))
+    assert len(buckets) == 15 and all(len(b) == 64 for b in buckets)
+    # Each bucket is trimmed to its longest row and spans a narrow band of lengths.
+    assert all(b.tokens.shape[1] == int(b.lengths.max()) for b in buckets)
+    assert np.median([int(b.lengths.max() - b.lengths.min()) for b in buckets]) <= 6
+    # The buckets hold 960 of the chunk's rows, each at most once (as a multiset of whole rows), and
+    # come in shuffled order, not by length.
+    as_rows = lambda b: Counter(tuple(r[r != 0].tolist()) for r in b.tokens)
+    held = sum((as_rows(b) for b in buckets), Counter())
+    assert held.total() == 960 and not held - as_rows(chunk)
+    maxima = [int(b.lengths.max()) for b in buckets]
+    assert maxima != sorted(maxima)
+    again = dyck.length_buckets(chunk, 64, np.random.default_rng(0))
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(buckets, again))
+
+
+def test_a_bucketed_chunk_weighs_every_token_alike():
+    """Summed over a chunk's batches, the bucketed objective is the chunk's token-mean loss times the
+    number of batches: each token weighs 1 / (mean tokens per batch), whatever its batch's length.
+    A batch's own mean would weigh a token of a short-sequence batch far above a long one's."""
+    torch.manual_seed(0)
+    model = DyckTransformer(seed=1)
+    stream = TrainingStream(seed=4, bucketed=True)
+    batches = [stream.next(128) for _ in range(CHUNK_ROWS // 128)]
+    tokens = {t for _, t in batches}
+    assert len(tokens) == 1  # one normalising count per chunk
+    (count,) = tokens
+    picked = [b for b, _ in batches]
+    assert count == pytest.approx(sum(int(b.mask.sum()) for b in picked) / len(picked))
+    with torch.no_grad():
+        total = sum(float(loss_fn(model(b.tokens), b, count)) for b in picked)
+        per_token = sum(float(loss_fn(model(b.tokens), b, 1.0)) for b in picked)  # every token's loss, summed
+        own_means = sum(float(loss_fn(model(b.tokens), b)) for b in picked)
+    assert total == pytest.approx(per_token / count, rel=1e-6)
+    assert abs(own_means - total) / total > 1e-3  # the per-batch mean is another objective
+    # The next chunk starts a new set of buckets from its own seed.
+    assert stream.rows == CHUNK_ROWS and stream.next(128)[1] != count
+
+
+def test_evaluation_in_length_order_equals_the_padded_reference():
+    model = DyckTransformer(seed=2)
+    sets = EvalSets.build(300, seed=9)
+    fast = evaluate(model, sets, chunk=128)
+    with torch.no_grad():
+        for split, batch in sets.batches.items():
+            logits, m = model(batch.tokens), batch.mask
+            for h in ("tok", "depth", "valid"):
+                lg, y = logits[h][m], getattr(batch, h)[m]
+                assert fast[f"acc.{split}.{h}"] == int((lg.argmax(-1) == y).sum()) / int(m.sum())
+                assert fast[f"loss.{split}.{h}"] == pytest.approx(float(F.cross_entropy(lg, y)), rel=1e-5)
+
+
+def test_a_bucketed_stream_refuses_a_batch_size_it_cannot_serve_from_its_position():
+    stream = TrainingStream(seed=0, bucketed=True)
+    stream.next(96)
+    with pytest.raises(ValueError, match="cannot serve batches of 64"):
+        stream.next(64)

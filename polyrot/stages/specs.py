@@ -70,6 +70,8 @@ TRAIN_SEED = Stage(
         Option("checkpoint_every", int, None, "steps between checkpoint artifacts", check=positive),
         Option("p_corrupt", float, None, "fraction of valid walks given one wrong-family closer",
                check=lambda v: None if 0 <= v <= 1 else "must lie in [0, 1]"),
+        Option("bucketed", bool, None, "length-bucketed batches, the loss normalised per chunk (cpu: true; paper: "
+               "false, every batch padded to the context)"),
         Option("eval_sequences", int, None, "held-out sequences per split at each evaluation (default 2048)",
                check=positive),
         Option("confirm_sequences", int, None, "held-out sequences per split that confirm a milestone and score "
@@ -81,7 +83,7 @@ TRAIN_SEED = Stage(
         Option("device", str, None, "cpu, cuda or cuda:N; default: CUDA when torch sees one (bf16 autocast there, "
                "as the paper), else the CPU"),
     ),
-    code_version="1",
+    code_version="2",  # 2: length-bucketed batches in the cpu profile
 )
 
 

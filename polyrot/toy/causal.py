@@ -21,7 +21,6 @@ task.CROSS_EVAL).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields
 
 import pandas as pd
 import torch
@@ -98,20 +97,13 @@ def ablation_effects(model: DyckTransformer, batch: Batch,
     return clean, effects
 
 
-def trim(batch: Batch) -> Batch:
-    """`batch` without the columns that are PAD in every row. Attention is causal and PAD positions
-    are masked out of the loss, so losses and effects are unchanged; every pass gets cheaper."""
-    length = int(batch.mask.any(0).nonzero().max()) + 1
-    return Batch(**{f.name: getattr(batch, f.name)[:, :length] for f in fields(batch)})
-
-
 def effect_table(model: DyckTransformer, batch: Batch, means: Mapping[str, torch.Tensor], *,
                  ig_steps: int, ap: bool = True, progress: bool = False) -> pd.DataFrame:
     """One row per component: measured mean-ablation effect, its IG prediction and (with `ap`)
     its AP prediction; the clean loss is in `table.attrs["clean_loss"]`."""
     check_steps(ig_steps)
     model.eval()
-    batch = trim(batch)
+    batch = batch.trimmed()
     clean_loss, measured = ablation_effects(model, batch, means)
     clean = clean_activations(model, batch)
     rows = []

@@ -54,6 +54,18 @@ class Batch:
     def select(self, idx: torch.Tensor | slice) -> Batch:
         return Batch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Non-PAD positions per row, [B]."""
+        return self.mask.sum(1)
+
+    def trimmed(self) -> Batch:
+        """This batch without the columns that are PAD in every row. Attention is causal and PAD
+        positions are masked out of every loss and metric, so nothing computed on the kept
+        positions changes, and every pass gets cheaper."""
+        length = int(self.mask.any(0).nonzero().max()) + 1
+        return Batch(**{f.name: getattr(self, f.name)[:, :length] for f in fields(self)})
+
 
 def label_tokens(tokens: torch.Tensor) -> Batch:
     """Label a [B, T] batch of token ids. Only bracket ids move the stack; all others are inert."""
@@ -208,3 +220,20 @@ def make_batch(spec: BatchSpec) -> Batch:
     """The labelled batch a spec names, bit-identical wherever it is made."""
     lengths = None if spec.split == "compositional" else (spec.min_len, spec.max_len)
     return generate(spec.split, spec.n_sequences, spec.seed, length_range=lengths)
+
+
+def length_buckets(batch: Batch, batch_size: int, rng: np.random.Generator) -> list[Batch]:
+    """`batch` cut into len(batch) // batch_size batches of rows of similar length, each trimmed to
+    its longest row, in a shuffled order.
+
+    Trimming an unsorted batch gains nothing: the longest of 128 random lengths is almost always
+    the full context. A random permutation picks the rows (the leftover ones are dropped at
+    random, not the longest) and breaks ties in length; a stable sort then groups similar lengths,
+    and the batch order is shuffled so that a run does not see short sequences first.
+    """
+    if not 0 < batch_size <= len(batch):
+        raise ValueError(f"batch_size must lie in [1, {len(batch)}], got {batch_size}")
+    n_batches = len(batch) // batch_size
+    picked = torch.from_numpy(rng.permutation(len(batch))[: n_batches * batch_size])
+    by_length = picked[torch.argsort(batch.lengths[picked], stable=True)].view(n_batches, batch_size)
+    return [batch.select(rows).trimmed() for rows in by_length[torch.from_numpy(rng.permutation(n_batches))]]

@@ -13,15 +13,15 @@ from polyrot.errors import ParameterError
 PAPER = dict(
     batch_size=512, max_steps=60_000, lr=3e-3, warmup_steps=500, min_lr_ratio=0.02,
     weight_decay=1e-4, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_every=500,
-    target_acc=0.9999, extra_steps=10_000, checkpoint_every=5_000, p_corrupt=0.0,
+    target_acc=0.9999, extra_steps=10_000, checkpoint_every=5_000, p_corrupt=0.0, bucketed=False,
 )
 # The CPU default: the paper's optimiser and schedule shape, sized for 2 cores (see README). At
 # batch 128 the paper's peak lr of 3e-3 leaves the depth head noisy on long sequences, and the
 # valid head's hard case (a wrong-family closer deep in the stack) is rare in the paper's mix, so
-# a quarter of the valid walks get one such closer.
+# a quarter of the valid walks get one such closer. Its batches are length-bucketed (below).
 CPU = dict(
     PAPER, batch_size=128, max_steps=12_000, lr=2e-3, eval_every=500,
-    extra_steps=1_000, checkpoint_every=2_000, p_corrupt=0.25,
+    extra_steps=1_000, checkpoint_every=2_000, p_corrupt=0.25, bucketed=True,
 )
 PROFILES = {"cpu": CPU, "paper": PAPER}
 
@@ -46,6 +46,11 @@ class TrainConfig:
     # Fraction of valid-walk training sequences given one wrong-family closer: the valid head's
     # hardest case (a first violation deep in the stack) is rare in the paper's mix.
     p_corrupt: float = CPU["p_corrupt"]
+    # Length-bucketed batches: each chunk of the stream sorted by length, cut into batches trimmed
+    # to their longest row, the batch order shuffled; each batch's token losses are summed and
+    # divided by the chunk's mean tokens per batch, so every token of a chunk weighs the same. Off,
+    # every batch is the full context and its loss the mean over its own tokens (the paper's).
+    bucketed: bool = CPU["bucketed"]
     eval_sequences: int = 2048      # per split, at every evaluation
     confirm_sequences: int = 16384  # per split, to confirm a crossing of target_acc (~10^6 tokens)
     threads: int = 0                # torch threads; 0 keeps torch's default

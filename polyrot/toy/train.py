@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -33,38 +34,48 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def loss_fn(logits: dict[str, torch.Tensor], batch: dyck.Batch) -> torch.Tensor:
-    """Sum over the three heads of the masked mean cross-entropy (PAD positions excluded)."""
+def loss_fn(logits: dict[str, torch.Tensor], batch: dyck.Batch, tokens: float | None = None) -> torch.Tensor:
+    """Sum over the three heads of the masked cross-entropy (PAD positions excluded): the mean over
+    the batch's own tokens, or with `tokens` the sum over them divided by that fixed count."""
     mask = batch.mask
-    return sum(F.cross_entropy(logits[h][mask], getattr(batch, h)[mask]) for h in HEADS)
+    if tokens is None:
+        return sum(F.cross_entropy(logits[h][mask], getattr(batch, h)[mask]) for h in HEADS)
+    return sum(F.cross_entropy(logits[h][mask], getattr(batch, h)[mask], reduction="sum") for h in HEADS) / tokens
 
 
 class TrainingStream:
     """An endless, deterministic stream of training batches: chunk i is generated from (seed, i).
 
     The stream position (rows consumed) is the whole of the data RNG state, so a resumed run
-    draws exactly the batches an uninterrupted run would have.
+    draws exactly the batches an uninterrupted run would have. `next` returns a batch and the
+    token count its loss is normalised by: None (its own mean) for plain batches; for bucketed
+    ones (dyck.length_buckets, shuffled from (seed, i) too) the chunk's mean tokens per batch.
     """
 
-    def __init__(self, seed: int, p_corrupt: float = 0.0, rows_consumed: int = 0):
-        self.seed, self.p_corrupt, self.rows = seed, p_corrupt, rows_consumed
-        self._chunk_index, self._chunk = -1, None
+    def __init__(self, seed: int, p_corrupt: float = 0.0, rows_consumed: int = 0, bucketed: bool = False):
+        self.seed, self.p_corrupt, self.rows, self.bucketed = seed, p_corrupt, rows_consumed, bucketed
+        self._key, self._chunk, self._buckets, self._tokens = None, None, None, None
 
-    def _load(self, index: int) -> dyck.Batch:
-        if index != self._chunk_index:
-            self._chunk = dyck.generate("train", CHUNK_ROWS, seed=[self.seed, index],
-                                        p_corrupt=self.p_corrupt)
-            self._chunk_index = index
-        return self._chunk
+    def _load(self, index: int, batch_size: int) -> None:
+        if self._key != (index, batch_size):
+            self._chunk = dyck.generate("train", CHUNK_ROWS, seed=[self.seed, index], p_corrupt=self.p_corrupt)
+            if self.bucketed:
+                self._buckets = dyck.length_buckets(self._chunk, batch_size, np.random.default_rng([self.seed, index]))
+                self._tokens = sum(int(b.mask.sum()) for b in self._buckets) / len(self._buckets)
+            self._key = (index, batch_size)
 
-    def next(self, batch_size: int) -> dyck.Batch:
+    def next(self, batch_size: int) -> tuple[dyck.Batch, float | None]:
         start = self.rows % CHUNK_ROWS
-        chunk = self._load(self.rows // CHUNK_ROWS)
         if start + batch_size > CHUNK_ROWS:
             self.rows += CHUNK_ROWS - start  # drop the tail rather than stitch chunks
             return self.next(batch_size)
+        if self.bucketed and start % batch_size:
+            raise ValueError(f"a bucketed stream at row {start} of its chunk cannot serve batches of {batch_size}")
+        self._load(self.rows // CHUNK_ROWS, batch_size)
         self.rows += batch_size
-        return chunk.select(slice(start, start + batch_size))
+        if self.bucketed:
+            return self._buckets[start // batch_size], self._tokens
+        return self._chunk.select(slice(start, start + batch_size)), None
 
 
 @dataclass
@@ -80,7 +91,10 @@ class EvalSets:
 
 @torch.no_grad()
 def evaluate(model: DyckTransformer, sets: EvalSets, chunk: int = 4096) -> dict[str, float]:
-    """Per-split, per-head accuracy and loss over non-PAD positions, and their minimum accuracy."""
+    """Per-split, per-head accuracy and loss over non-PAD positions, and their minimum accuracy.
+
+    Rows run in order of length, each chunk trimmed to its longest row: the sums are those of the
+    padded batch, at a fraction of the cost."""
     model.eval()
     device = next(model.parameters()).device
     out: dict[str, float] = {}
@@ -88,8 +102,9 @@ def evaluate(model: DyckTransformer, sets: EvalSets, chunk: int = 4096) -> dict[
         correct = {h: 0 for h in HEADS}
         loss_sum = {h: 0.0 for h in HEADS}
         n = int(batch.mask.sum())
+        by_length = torch.argsort(batch.lengths, stable=True)
         for lo in range(0, len(batch), chunk):
-            part = batch.select(slice(lo, lo + chunk)).to(device)
+            part = batch.select(by_length[lo:lo + chunk]).trimmed().to(device)
             logits = model(part.tokens)
             m = part.mask
             for h in HEADS:
@@ -168,7 +183,7 @@ def train(
                 else contextlib.nullcontext())
     model, opt = state.model, state.optimizer
     model.train()
-    stream = TrainingStream(cfg.seed, cfg.p_corrupt, state.rows_consumed)
+    stream = TrainingStream(cfg.seed, cfg.p_corrupt, state.rows_consumed, cfg.bucketed)
     quick, confirm = EvalSets.build(cfg.eval_sequences), None
     trainable = [p for p in model.parameters() if p.requires_grad]
     started = time.perf_counter()
@@ -180,9 +195,10 @@ def train(
             break
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, state.step)
-        batch = stream.next(cfg.batch_size).to(device)
+        batch, tokens = stream.next(cfg.batch_size)
+        batch = batch.to(device)
         with autocast:
-            loss = loss_fn(model(batch.tokens), batch)
+            loss = loss_fn(model(batch.tokens), batch, tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
