@@ -20,10 +20,12 @@ chunks, at polyrot's measured step time.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,7 +33,14 @@ from torch import nn
 from polyrot.toy.dyck import Batch
 from polyrot.toy.model import HEADS, DyckTransformer, ModelConfig
 from polyrot.toy.recipe import TrainConfig
-from polyrot.toy.train import CHUNK_ROWS, TrainingStream, loss_fn, make_optimizer
+from polyrot.toy.train import (
+    CHUNK_ROWS,
+    EvalSets,
+    TrainingStream,
+    evaluate,
+    loss_fn,
+    make_optimizer,
+)
 
 
 class ReferenceRMSNorm(nn.Module):
@@ -119,9 +128,11 @@ class ReferenceTransformer(nn.Module):
         return {h: torch.einsum("btd,cd->btc", x, getattr(self, f"W_U_{h}")) for h in HEADS}
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, grad_clip: float) -> float:
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, grad_clip: float,
+               tokens: float | None = None, autocast: bool = False) -> float:
     """polyrot.toy.train.train's step, minus the learning-rate schedule (a few float operations)."""
-    loss = loss_fn(model(batch.tokens), batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = loss_fn(model(batch.tokens), batch, tokens)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -160,25 +171,47 @@ def chunk_generation_seconds(seed: int, p_corrupt: float, repeats: int = 3) -> f
     return statistics.median(times)
 
 
-def measure(seed: int, cfg: TrainConfig, batches: list[Batch], rounds: int) -> dict[str, list[float]]:
-    """Seconds per round for each implementation, both running every batch of the round."""
-    model = DyckTransformer(seed=seed)
-    contenders = {"polyrot": model, "reference": ReferenceTransformer.copy_of(model)}
-    optimizers = {name: make_optimizer(m, cfg) for name, m in contenders.items()}
+@dataclass
+class Contender:
+    """One way of running the same number of training sequences: a model, its optimizer's flavour,
+    its batches (with the count each batch's loss is normalised by) and whether bf16 autocast is on."""
+
+    model: nn.Module
+    batches: list[tuple[Batch, float | None]]
+    optimizer: str = "foreach"  # AdamW's implementation: "for-loop", "foreach" (torch's CPU default) or "fused"
+    autocast: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(b.mask.sum()) for b, _ in self.batches)
+
+
+def adamw(model: nn.Module, cfg: TrainConfig, flavour: str) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    kind = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[flavour]
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, **kind)
+
+
+def measure(cfg: TrainConfig, contenders: dict[str, Contender], rounds: int) -> dict[str, list[float]]:
+    """Seconds per round for each contender, each running all its batches every round."""
+    optimizers = {name: adamw(c.model, cfg, c.optimizer) for name, c in contenders.items()}
     # One untimed step each pays for AdamW's state and other first-call costs; a single sequence
     # suffices for that, and keeps the warm-up from costing as much as a timed round.
-    for name, m in contenders.items():
-        train_step(m, optimizers[name], batches[0].select(slice(0, 1)), cfg.grad_clip)
+    for name, c in contenders.items():
+        batch, _ = c.batches[0]
+        train_step(c.model, optimizers[name], batch.select(slice(0, 1)), cfg.grad_clip, autocast=c.autocast)
     seconds = {name: [0.0] * rounds for name in contenders}
-    turn = 0
+    steps = len(next(iter(contenders.values())).batches)
     for r in range(rounds):
-        for batch in batches:
-            # Who goes first alternates (ABBA...), so neither always runs right after the other.
-            order = list(contenders) if turn % 2 == 0 else list(reversed(contenders))
-            turn += 1
-            for name in order:
+        for i in range(steps):
+            # Who goes first rotates, so no contender always runs right after the same other one.
+            names = list(contenders)
+            k = (r * steps + i) % len(names)
+            for name in names[k:] + names[:k]:
+                c = contenders[name]
+                batch, tokens = c.batches[i]
                 start = time.perf_counter()
-                train_step(contenders[name], optimizers[name], batch, cfg.grad_clip)
+                train_step(c.model, optimizers[name], batch, cfg.grad_clip, tokens, c.autocast)
                 seconds[name][r] += time.perf_counter() - start
     return seconds
 
@@ -208,24 +241,41 @@ def main() -> None:
     generation_s = chunk_generation_seconds(args.seed, cfg.p_corrupt)
     print(f"data generation: {generation_s:.3f} s per {CHUNK_ROWS}-sequence TrainingStream chunk")
 
-    header = (f"{'threads':>7} {'batch':>5} {'polyrot tok/s':>14} {'reference tok/s':>16} "
-              f"{'polyrot/ref (min-max)':>22} {'data share':>10}")
-    print("\n" + header + "\n" + "-" * len(header))
+    quick = EvalSets.build(cfg.eval_sequences)
+    print(f"\ntokens/s are non-PAD tokens; x ref: the median over rounds of the throughput ratio to the "
+          f"reference in the same round; eval share: one quick evaluation ({cfg.eval_sequences} sequences per "
+          f"split) against {cfg.eval_every} steps of the bucketed step")
+    header = f"{'threads':>7} {'batch':>5} {'contender':<28} {'tok/s':>9} {'x ref (min-max)':>17}"
     for threads in args.threads:
         torch.set_num_threads(threads)
         for batch_size in args.batch_sizes:
-            stream = TrainingStream(args.seed, cfg.p_corrupt)
+            print("\n" + header + "\n" + "-" * len(header))
             steps = max(1, args.steps * max(args.batch_sizes) // batch_size)
-            batches = [stream.next(batch_size)[0] for _ in range(steps)]
-            tokens = sum(int(b.mask.sum()) for b in batches)
-            seconds = measure(args.seed, cfg, batches, args.rounds)
-            # Same tokens on both sides, so the throughput ratio is the inverse ratio of times.
-            ratios = [r / p for p, r in zip(seconds["polyrot"], seconds["reference"])]
-            step_s = statistics.median(seconds["polyrot"]) / steps
-            share = generation_s / (generation_s + step_s * (CHUNK_ROWS // batch_size))
-            print(f"{threads:>7} {batch_size:>5} {tokens / statistics.median(seconds['polyrot']):>14,.0f} "
-                  f"{tokens / statistics.median(seconds['reference']):>16,.0f} "
-                  f"{statistics.median(ratios):>11.2f} ({min(ratios):.2f}-{max(ratios):.2f}) {share:>10.1%}")
+            padded_stream, bucketed_stream = TrainingStream(args.seed, cfg.p_corrupt), TrainingStream(
+                args.seed, cfg.p_corrupt, bucketed=True)
+            padded = [padded_stream.next(batch_size) for _ in range(steps)]
+            bucketed = [bucketed_stream.next(batch_size) for _ in range(steps)]
+            model = DyckTransformer(seed=args.seed)
+            contenders = {
+                "reference, padded": Contender(ReferenceTransformer.copy_of(model), padded),
+                "polyrot, padded": Contender(copy.deepcopy(model), padded),
+                "polyrot, bucketed": Contender(copy.deepcopy(model), bucketed),
+                "polyrot, bucketed, fused AdamW": Contender(copy.deepcopy(model), bucketed, optimizer="fused"),
+                "polyrot, bucketed, for-loop AdamW": Contender(copy.deepcopy(model), bucketed, optimizer="for-loop"),
+                "polyrot, bucketed, bf16 autocast": Contender(copy.deepcopy(model), bucketed, autocast=True),
+            }
+            seconds = measure(cfg, contenders, args.rounds)
+            ref = contenders["reference, padded"]
+            for name, c in contenders.items():
+                ratios = [(c.tokens / s) / (ref.tokens / r) for s, r in zip(seconds[name], seconds["reference, padded"])]
+                print(f"{threads:>7} {batch_size:>5} {name:<28} {c.tokens / statistics.median(seconds[name]):>9,.0f} "
+                      f"{statistics.median(ratios):>7.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+            step_s = statistics.median(seconds["polyrot, bucketed"]) / steps
+            start = time.perf_counter()
+            evaluate(model, quick)
+            eval_s = time.perf_counter() - start
+            print(f"data share {generation_s / (generation_s + step_s * (CHUNK_ROWS // batch_size)):.1%}; "
+                  f"eval share {eval_s / (eval_s + cfg.eval_every * step_s):.1%} ({eval_s:.2f} s per evaluation)")
     print(f"\nload average at end: {load_average()}")
 
 

@@ -20,6 +20,7 @@ from polyrot.toy.train import (
     loss_fn,
     new_state,
     restore_checkpoint,
+    total_loss,
     train,
 )
 
@@ -76,6 +77,12 @@ def test_resume_from_a_checkpoint_reaches_identical_weights():
     train(resumed, resumed_cfg, progress=False)
     a, b = weights(full), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The moving average and the best model so far are part of the state, so they resume too.
+    assert cfg.ema_decay > 0
+    ema_a, ema_b = full.ema.state_dict(), resumed.ema.state_dict()
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert (resumed.best.step, resumed.best.source, resumed.best.key) == (full.best.step, full.best.source, full.best.key)
+    assert all(torch.equal(full.best.weights[k], resumed.best.weights[k]) for k in full.best.weights)
 
 
 def test_frozen_shared_io_stays_bit_identical():
@@ -183,3 +190,31 @@ def test_a_bucketed_stream_refuses_a_batch_size_it_cannot_serve_from_its_positio
     stream.next(96)
     with pytest.raises(ValueError, match="cannot serve batches of 64"):
         stream.next(64)
+
+
+def test_the_kept_model_is_the_best_evaluated_one_and_the_ema_can_win():
+    cfg = TrainConfig.from_profile("cpu", **{**TINY, "max_steps": 90, "eval_every": 30, "ema_decay": 0.9})
+    history = []
+    state = train(new_state(cfg), cfg, progress=False, on_eval=lambda step, m: history.append((step, m)))
+    assert [s for s, _ in history] == [30, 60, 90]
+    assert all("ema.acc.min" in m for _, m in history)
+    scored = {s: (m["ema.acc.min"], -total_loss({k[4:]: v for k, v in m.items() if k.startswith("ema.")}))
+              if m["ema.chosen"] else (m["acc.min"], -total_loss(m)) for s, m in history}
+    best_step = max(scored, key=lambda s: scored[s])
+    assert state.best.step == best_step and state.best.key[1:] == scored[best_step]
+    kept = evaluate(state.best_model(), EvalSets.build(cfg.eval_sequences))
+    assert kept["acc.min"] == state.best.key[1]
+
+
+def test_the_ema_leaves_frozen_tensors_bit_identical():
+    cfg = TrainConfig.from_profile("cpu", **{**TINY, "max_steps": 30}, ema_decay=0.99)
+    source = new_state(TrainConfig.from_profile("cpu", **{**TINY, "seed": 9})).model
+    shared = {k: getattr(source, k).detach().clone() for k in ("W_E", "W_U_tok", "W_U_depth", "W_U_valid")}
+    state = train(new_state(cfg, shared), cfg, progress=False)
+    assert all(torch.equal(getattr(state.ema.module, k), v) for k, v in shared.items())
+    assert not torch.equal(state.ema.module.blocks[0].mlp.W_in, state.model.blocks[0].mlp.W_in)
+
+
+def test_the_paper_profile_has_no_ema_and_padded_batches():
+    cfg = TrainConfig.from_profile("paper")
+    assert cfg.ema_decay == 0 and not cfg.bucketed and new_state(cfg).ema is None

@@ -14,6 +14,7 @@ PAPER = dict(
     batch_size=512, max_steps=60_000, lr=3e-3, warmup_steps=500, min_lr_ratio=0.02,
     weight_decay=1e-4, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_every=500,
     target_acc=0.9999, extra_steps=10_000, checkpoint_every=5_000, p_corrupt=0.0, bucketed=False,
+    ema_decay=0.0,
 )
 # The CPU default: the paper's optimiser and schedule shape, sized for 2 cores (see README). At
 # batch 128 the paper's peak lr of 3e-3 leaves the depth head noisy on long sequences, and the
@@ -22,6 +23,7 @@ PAPER = dict(
 CPU = dict(
     PAPER, batch_size=128, max_steps=12_000, lr=2e-3, eval_every=500,
     extra_steps=1_000, checkpoint_every=2_000, p_corrupt=0.25, bucketed=True,
+    ema_decay=0.999,
 )
 PROFILES = {"cpu": CPU, "paper": PAPER}
 
@@ -51,6 +53,9 @@ class TrainConfig:
     # divided by the chunk's mean tokens per batch, so every token of a chunk weighs the same. Off,
     # every batch is the full context and its loss the mean over its own tokens (the paper's).
     bucketed: bool = CPU["bucketed"]
+    # Decay of an exponential moving average of the weights, evaluated beside them at every
+    # evaluation and kept when it scores better (0: none, as the paper).
+    ema_decay: float = CPU["ema_decay"]
     eval_sequences: int = 2048      # per split, at every evaluation
     confirm_sequences: int = 16384  # per split, to confirm a crossing of target_acc (~10^6 tokens)
     threads: int = 0                # torch threads; 0 keeps torch's default
@@ -75,6 +80,8 @@ class TrainConfig:
             raise ParameterError(f"target_acc must be in (0, 1], got {self.target_acc}")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.p_corrupt <= 1:
             raise ParameterError("min_lr_ratio and p_corrupt must lie in [0, 1]")
+        if not 0 <= self.ema_decay < 1:
+            raise ParameterError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
 
     @classmethod
     def from_profile(cls, profile: str = "cpu", **overrides) -> TrainConfig:

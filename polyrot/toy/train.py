@@ -7,6 +7,7 @@ so the tracking layer (or a notebook) decides where they go.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from polyrot.core.device import resolve_device
@@ -90,7 +92,7 @@ class EvalSets:
 
 
 @torch.no_grad()
-def evaluate(model: DyckTransformer, sets: EvalSets, chunk: int = 4096) -> dict[str, float]:
+def evaluate(model: DyckTransformer, sets: EvalSets, chunk: int = 128) -> dict[str, float]:
     """Per-split, per-head accuracy and loss over non-PAD positions, and their minimum accuracy.
 
     Rows run in order of length, each chunk trimmed to its longest row: the sums are those of the
@@ -120,6 +122,17 @@ def evaluate(model: DyckTransformer, sets: EvalSets, chunk: int = 4096) -> dict[
 
 
 @dataclass
+class Best:
+    """The best evaluated model so far: the paper's checkpoint choice, highest min accuracy (the
+    confirmed one once there is one), ties to the lowest total loss."""
+
+    step: int
+    source: str                      # "raw" or "ema": which weights were evaluated
+    key: tuple[float, float, float]  # (confirmed min acc or -1, quick min acc, -quick total loss)
+    weights: dict[str, torch.Tensor]
+
+
+@dataclass
 class TrainState:
     """Everything needed to continue training bit-identically."""
 
@@ -129,6 +142,32 @@ class TrainState:
     rows_consumed: int = 0
     first_crossing: int | None = None           # step at which target_acc was first confirmed
     milestones: dict[str, int] = field(default_factory=dict)  # "0.99" -> first step reaching it
+    ema: AveragedModel | None = None            # exponential moving average of the weights
+    chosen: str = "raw"                          # the weights the latest evaluation picked
+    best: Best | None = None
+
+    def evaluated_model(self) -> DyckTransformer:
+        """The weights the latest evaluation picked: the EMA's when it scored better."""
+        return self.ema.module if self.chosen == "ema" else self.model
+
+    def best_model(self) -> DyckTransformer:
+        """The best evaluated model (a copy), or the current one before any evaluation."""
+        if self.best is None:
+            return self.model
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.best.weights)
+        return model
+
+
+def new_ema(model: DyckTransformer, decay: float) -> AveragedModel | None:
+    """An EMA of `model`'s weights (torch's lerp: a frozen tensor stays bit-identical), or None."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+
+def total_loss(metrics: dict[str, float]) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith("loss."))
 
 
 def make_optimizer(model: DyckTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -171,9 +210,11 @@ def train(
 ) -> TrainState:
     """Run the recipe from state.step until max_steps, or extra_steps after the first crossing.
 
-    on_eval(step, metrics) receives every evaluation; on_checkpoint(state, tag) receives the
-    state every checkpoint_every steps (tag "step-NNNNNN") and at each accuracy milestone
-    (tag "first-0.99", ...), so a caller can persist them.
+    Every evaluation scores the weights and, with cfg.ema_decay, their moving average; the better
+    of the two on the quick set is the one confirmed, credited with milestones and considered for
+    state.best (the model a run keeps). on_eval(step, metrics) receives every evaluation;
+    on_checkpoint(state, tag) receives the state every checkpoint_every steps (tag "step-NNNNNN")
+    and at each accuracy milestone (tag "first-0.99", ...), so a caller can persist them.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -209,27 +250,44 @@ def train(
         running_loss = value if running_loss is None else 0.98 * running_loss + 0.02 * value
         bar.update(1)
 
+        if state.ema is not None:
+            state.ema.update_parameters(model)
+
         if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
             metrics = evaluate(model, quick)
-            if metrics["acc.min"] >= min(MILESTONES[0], cfg.target_acc):
+            state.chosen = "raw"
+            if state.ema is not None:
+                ema_metrics = evaluate(state.ema.module, quick)
+                metrics.update({f"ema.{k}": v for k, v in ema_metrics.items()})
+                if (ema_metrics["acc.min"], -total_loss(ema_metrics)) > (metrics["acc.min"], -total_loss(metrics)):
+                    state.chosen = "ema"
+                metrics["ema.chosen"] = float(state.chosen == "ema")
+            chosen = ema_metrics if state.chosen == "ema" else metrics
+            candidate = state.evaluated_model()
+            if chosen["acc.min"] >= min(MILESTONES[0], cfg.target_acc):
                 # The quick set cannot resolve 99.99%: confirm milestones on ~10^6 tokens per split.
                 confirm = confirm or EvalSets.build(cfg.confirm_sequences, seed=778)
-                metrics.update({f"confirm.{k}": v for k, v in evaluate(model, confirm).items()})
+                metrics.update({f"confirm.{k}": v for k, v in evaluate(candidate, confirm).items()})
             metrics["train.loss"] = running_loss
             metrics["lr"] = learning_rate(cfg, state.step - 1)
             metrics["wall_s"] = time.perf_counter() - started
-            best = metrics.get("confirm.acc.min", 0.0)
+            confirmed = metrics.get("confirm.acc.min", 0.0)
+            key = (metrics.get("confirm.acc.min", -1.0), chosen["acc.min"], -total_loss(chosen))
+            if state.best is None or key > state.best.key:
+                state.best = Best(state.step, state.chosen, key,
+                                  {k: v.detach().to("cpu", copy=True) for k, v in candidate.state_dict().items()})
+            metrics["best.step"] = state.best.step
             for m in MILESTONES:
-                if best >= m and str(m) not in state.milestones:
+                if confirmed >= m and str(m) not in state.milestones:
                     state.milestones[str(m)] = state.step
                     if on_checkpoint:
                         on_checkpoint(state, f"first-{m}")
-            if state.first_crossing is None and best >= cfg.target_acc:
+            if state.first_crossing is None and confirmed >= cfg.target_acc:
                 state.first_crossing = state.step
-            metrics["acc.min.confirmed"] = best
+            metrics["acc.min.confirmed"] = confirmed
             if on_eval:
                 on_eval(state.step, metrics)
-            bar.set_postfix(loss=f"{running_loss:.4f}", min_acc=f"{metrics['acc.min']:.5f}")
+            bar.set_postfix(loss=f"{running_loss:.4f}", min_acc=f"{chosen['acc.min']:.5f}")
         if on_checkpoint and state.step % cfg.checkpoint_every == 0:
             on_checkpoint(state, f"step-{state.step:06d}")
     bar.close()
@@ -241,6 +299,8 @@ def move_state(state: TrainState, device: torch.device) -> None:
     """Move the model and the optimizer's moment tensors to `device`, in place. Adam's step counts
     stay on the CPU, where torch keeps them unless the optimizer is capturable."""
     state.model.to(device)
+    if state.ema is not None:
+        state.ema.to(device)
     for moments in state.optimizer.state.values():
         for name, value in moments.items():
             if torch.is_tensor(value) and name != "step":
@@ -257,7 +317,7 @@ def new_state(cfg: TrainConfig, shared_io: dict[str, torch.Tensor] | None = None
         with torch.no_grad():
             param.copy_(tensor)
         param.requires_grad_(False)
-    return TrainState(model, make_optimizer(model, cfg))
+    return TrainState(model, make_optimizer(model, cfg), ema=new_ema(model, cfg.ema_decay))
 
 
 def checkpoint_payload(state: TrainState, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
@@ -265,9 +325,15 @@ def checkpoint_payload(state: TrainState, cfg: TrainConfig) -> tuple[dict[str, t
     tensors = {f"model.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in state.model.state_dict().items()}
     opt_tensors, opt_meta = optimizer_tensors(state.optimizer)
     tensors.update({k: v.detach().to("cpu", copy=True).contiguous() for k, v in opt_tensors.items()})
+    if state.ema is not None:
+        tensors.update({f"ema.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in state.ema.state_dict().items()})
+    if state.best is not None:
+        tensors.update({f"best.{k}": v.contiguous() for k, v in state.best.weights.items()})
+    best = state.best and {"step": state.best.step, "source": state.best.source, "key": list(state.best.key)}
     meta = {
         "step": state.step, "rows_consumed": state.rows_consumed, "first_crossing": state.first_crossing,
-        "milestones": state.milestones, "train_config": cfg.to_dict(), "optimizer": opt_meta,
+        "milestones": state.milestones, "chosen": state.chosen, "best": best,
+        "train_config": cfg.to_dict(), "optimizer": opt_meta,
         "model_config": state.model.cfg.to_dict(),
         "frozen": [n for n, p in state.model.named_parameters() if not p.requires_grad],
     }
@@ -282,6 +348,14 @@ def restore_checkpoint(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[Tr
         model.get_parameter(name).requires_grad_(False)
     opt = make_optimizer(model, cfg)
     load_optimizer_tensors(opt, tensors, meta["optimizer"])
+    ema = new_ema(model, cfg.ema_decay)
+    if ema is not None:
+        ema.load_state_dict({k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")})
+    best = meta.get("best")
+    if best:
+        best = Best(best["step"], best["source"], tuple(best["key"]),
+                    {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")})
     state = TrainState(model, opt, step=meta["step"], rows_consumed=meta["rows_consumed"],
-                       first_crossing=meta["first_crossing"], milestones=dict(meta["milestones"]))
+                       first_crossing=meta["first_crossing"], milestones=dict(meta["milestones"]), ema=ema,
+                       chosen=meta.get("chosen", "raw"), best=best)
     return state, cfg
