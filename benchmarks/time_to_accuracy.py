@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--p-corrupt", type=float)
     parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--bucketed", choices=("true", "false"), help="length-bucketed batches (the profile's otherwise)")
+    parser.add_argument("--ema-decay", type=float, help="decay of the weights' moving average; 0 for none")
     # The profile's extra steps after reaching the target only matter to a trained model's quality.
     parser.add_argument("--extra-steps", type=int, default=0,
                         help="steps to keep training after 99.99%% is confirmed (default 0: stop there)")
@@ -55,13 +57,14 @@ def main() -> None:
     cfg = TrainConfig.from_profile(
         args.profile, seed=args.seed, threads=args.threads, max_steps=args.max_steps,
         batch_size=args.batch_size, lr=args.lr, p_corrupt=args.p_corrupt, eval_every=args.eval_every,
-        extra_steps=args.extra_steps,
+        extra_steps=args.extra_steps, bucketed=args.bucketed and args.bucketed == "true", ema_decay=args.ema_decay,
     )
     out = args.out or RESULTS / f"time_to_accuracy-{cfg.profile}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     load_start = load_average()
     print(f"torch {torch.__version__}; load average at start {shown(load_start)} on {os.cpu_count()} CPUs")
     print(f"profile {cfg.profile}, seed {cfg.seed}, batch {cfg.batch_size}, lr {cfg.lr}, "
-          f"p_corrupt {cfg.p_corrupt}, max {cfg.max_steps} steps, threads {cfg.threads or 'default'}")
+          f"p_corrupt {cfg.p_corrupt}, bucketed {cfg.bucketed}, ema {cfg.ema_decay}, max {cfg.max_steps} steps, "
+          f"threads {cfg.threads or 'default'}")
 
     history: list[dict] = []
 
@@ -69,8 +72,11 @@ def main() -> None:
         # The load beside each evaluation tells which stretch of a long run was slowed by others.
         history.append({"step": step, "load1": load_average()[0], **metrics})
         confirmed = f"{metrics['confirm.acc.min']:.5f}" if "confirm.acc.min" in metrics else "-"
+        own = {k: v for k, v in metrics.items() if k.startswith("acc.") and k.split(".")[1] in SPLITS}
+        binding = min(own, key=own.get)[len("acc."):]
+        ema = f"  ema {metrics['ema.acc.min']:.5f}" if "ema.acc.min" in metrics else ""
         print(f"step {step:>6}  {metrics['wall_s']:>7.0f} s  loss {metrics['train.loss']:.4f}  "
-              f"min acc {metrics['acc.min']:.5f}  confirmed {confirmed}", flush=True)
+              f"min acc {metrics['acc.min']:.5f} ({binding}){ema}  confirmed {confirmed}", flush=True)
 
     state = train(new_state(cfg), cfg, on_eval=on_eval, progress=False)
     load_end = load_average()
