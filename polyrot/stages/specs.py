@@ -72,6 +72,8 @@ TRAIN_SEED = Stage(
                check=lambda v: None if 0 <= v <= 1 else "must lie in [0, 1]"),
         Option("bucketed", bool, None, "length-bucketed batches, the loss normalised per chunk (cpu: true; paper: "
                "false, every batch padded to the context)"),
+        Option("ema_decay", float, None, "decay of the weights' moving average, kept when it evaluates better "
+               "(cpu: 0.999; paper: 0, none)", check=lambda v: None if 0 <= v < 1 else "must lie in [0, 1)"),
         Option("eval_sequences", int, None, "held-out sequences per split at each evaluation (default 2048)",
                check=positive),
         Option("confirm_sequences", int, None, "held-out sequences per split that confirm a milestone and score "
@@ -83,7 +85,7 @@ TRAIN_SEED = Stage(
         Option("device", str, None, "cpu, cuda or cuda:N; default: CUDA when torch sees one (bf16 autocast there, "
                "as the paper), else the CPU"),
     ),
-    code_version="2",  # 2: length-bucketed batches in the cpu profile
+    code_version="2",  # 2: bucketed batches and the EMA in the cpu profile; the best evaluated model kept
 )
 
 

@@ -1,7 +1,7 @@
 """Stage `train_seed`: train one Dyck-3 seed (Cohort B, or Cohort A with --shared-io-from).
 
 Artifacts (the contract later stages read):
-  model.safetensors, config.json          final weights (+ W_pos buffer) and the model config
+  model.safetensors, config.json          the best evaluated weights (+ W_pos buffer) and the model config
   train.json                              the resolved recipe, milestones and final evaluation
   checkpoints/step-NNNNNN.safetensors     model + optimizer tensors, every checkpoint_every steps
   checkpoints/step-NNNNNN.json            step, data-stream position, optimizer groups, recipe
@@ -36,7 +36,8 @@ NAME = STAGE.name
 
 # Options left at None take the profile's value; the resolved recipe is logged as recipe.* params.
 RECIPE_OPTIONS = ("batch_size", "max_steps", "lr", "eval_every", "target_acc", "extra_steps",
-                  "checkpoint_every", "p_corrupt", "bucketed", "eval_sequences", "confirm_sequences")
+                  "checkpoint_every", "p_corrupt", "bucketed", "ema_decay", "eval_sequences",
+                  "confirm_sequences")
 
 _STEP_FILE = re.compile(r"checkpoints/step-(\d{6})\.safetensors$")
 
@@ -104,18 +105,23 @@ def run(params: dict) -> str:
         if state.step % cfg.checkpoint_every:
             on_checkpoint(state, f"step-{state.step:06d}")
 
-        final = evaluate(state.model, EvalSets.build(cfg.confirm_sequences, seed=778))
+        # The model a seed keeps is its best evaluated one (the paper's choice), the EMA's if that won.
+        model = state.best_model()
+        final = evaluate(model, EvalSets.build(cfg.confirm_sequences, seed=778))
         run.log_metrics({f"final.{k}": v for k, v in final.items()}, state.step)
+        if state.best is not None:
+            run.set_tags({"polyrot.final_step": state.best.step, "polyrot.final_weights": state.best.source})
         if shared is not None:
-            identical = all(torch.equal(getattr(state.model, k).detach(), shared[k]) for k in SHARED_IO)
+            identical = all(torch.equal(getattr(model, k).detach(), shared[k]) for k in SHARED_IO)
             run.set_tags({"polyrot.shared_io_identical": str(identical).lower()})
             if not identical:
                 raise RuntimeError("shared I/O tensors changed during training: they were not frozen")
-        save_model(state.model, run.staging)
+        save_model(model, run.staging)
         run.log_artifact("model.safetensors")
         run.log_artifact("config.json")
         run.log_json("train.json", {"recipe": cfg.to_dict(), "steps": state.step, "milestones": state.milestones,
-                                    "first_crossing": state.first_crossing, "final": final})
+                                    "first_crossing": state.first_crossing, "final": final,
+                                    "final_weights": state.best and {"step": state.best.step, "source": state.best.source}})
         run.set_tags({f"polyrot.milestone.{k}": v for k, v in state.milestones.items()})
         return run.run_id
 
@@ -133,4 +139,4 @@ def load_seed(run_id: str, checkpoint: str | None = None):
         raise ParameterError(f"--checkpoint names a checkpoint like first-0.99 or step-002000, got {checkpoint!r}")
     tensors = load_file(tracking.fetch_artifact(run_id, f"checkpoints/{checkpoint}.safetensors", stage=NAME))
     meta = json.loads(tracking.fetch_artifact(run_id, f"checkpoints/{checkpoint}.json", stage=NAME).read_text())
-    return restore_checkpoint(tensors, meta)[0].model
+    return restore_checkpoint(tensors, meta)[0].evaluated_model()
