@@ -374,3 +374,198 @@ def small_angle_rotation(d: int, max_angle: float, seed: int) -> torch.Tensor:
     skew = gaussian - gaussian.T
     skew *= max_angle / np.linalg.norm(skew, ord=2)
     return torch.from_numpy(scipy.linalg.expm(skew))
+
+
+# ---------------------------------------------------------------- determinacy: the part of R the data fix
+#
+# Procrustes on centred rows maximises tr(R^T C) over O(d), C = A_tgt^T A_src = U S V^T, at R = U V^T.
+# Write any orthogonal R as U Q V^T: tr(R^T C) = sum_i s_i Q_ii. Turning Q by a small angle e in the
+# plane of directions (i, j) lowers the objective by (s_i + s_j)(1 - cos e) ~ (s_i + s_j) e^2 / 2, so
+# the data pin R down along directions with large singular values and leave it free where s_i and
+# s_j are both ~0: a residual site whose last principal directions hold 1e-6 of the variance has an
+# R that is arbitrary there, and statistics of the whole of R then partly measure noise.
+#
+# The determined part is the leading k singular pairs (U_k, V_k) of C, k the fewest whose singular
+# values hold DETERMINED_FRACTION of their sum (the nuclear norm, i.e. the Procrustes objective at its
+# optimum). R maps them exactly, u_i^T R = v_i^T. Restricted to them, R is the k x k compression
+# M = U_k^T R U_k (= V_k^T U_k for the fitted R, so it depends on the data's leading directions only),
+# made orthogonal by its polar factor: R_det = polar(M) in O(k). Two facts make R_det a fair statistic:
+#   - R = I on the determined directions (R u_i = u_i) gives M = I, so R_det = I;
+#   - for Haar R in O(d) and U_k fixed, R_det is Haar in O(k): for Q in O(k) put
+#     Q~ = U_k Q U_k^T + (I - U_k U_k^T) in O(d); Q~ R is Haar too and its compression is Q M, and
+#     polar(Q M) = Q polar(M), so the law of R_det is invariant under every Q: it is Haar on O(k).
+# Hence ||R_det - I||_F / sqrt(2k) and the eigen-angles of R_det against Haar O(k) are the paper's
+# statistics on the part of R the data determine, with the paper's nulls (haar_frobenius_prediction(k),
+# haar_angles(k)). The weighted variant needs no cut-off: with w_i = s_i / sum s,
+# ||R - I||_w^2 = sum_i w_i ||u_i^T (R - I)||^2 has expectation 2 under Haar (each row of R - I has
+# E||.||^2 = 2), so weighted_frob_ratio = ||R - I||_w / sqrt(2) is 1 for Haar and 0 for R = I there.
+
+DETERMINED_FRACTION = 0.99
+# An eigen-angle of R_a R_b^T above this (radians) counts as a direction in which two fits disagree.
+TURNED_ANGLE = 0.1
+
+
+def _covariance_eigenvalues(acts) -> np.ndarray:
+    x = _as_float64_array(acts)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need activations [N >= 2, d], got shape {x.shape}")
+    x = x - x.mean(axis=0)
+    return np.clip(np.linalg.eigvalsh(x.T @ x / (len(x) - 1))[::-1], 0.0, None)
+
+
+def _count_for_fraction(values: np.ndarray, fraction: float) -> int:
+    """The fewest leading entries of a descending, non-negative `values` that hold `fraction` of its sum."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    total = values.sum()
+    if total <= 0:
+        return 0
+    return int(min(len(values), np.searchsorted(np.cumsum(values) / total, fraction - 1e-12) + 1))
+
+
+def participation_ratio(acts) -> float:
+    """(sum lambda)^2 / sum lambda^2 over the covariance eigenvalues: d for isotropic rows, 1 for one direction."""
+    lam = _covariance_eigenvalues(acts)
+    return float(lam.sum() ** 2 / np.sum(lam ** 2)) if lam.sum() > 0 else 0.0
+
+
+def variance_dims(acts, fraction: float = DETERMINED_FRACTION) -> int:
+    """How many principal directions hold `fraction` of the centred variance."""
+    return _count_for_fraction(_covariance_eigenvalues(acts), fraction)
+
+
+@dataclass(frozen=True, eq=False)
+class DeterminedPart:
+    """The singular pairs of the cross-covariance C = A_tgt^T A_src (centred rows), descending:
+    U [d, d] target-frame directions, V [d, d] their source-frame images, s the d singular values;
+    the first k are the determined part."""
+
+    U: np.ndarray
+    V: np.ndarray
+    s: np.ndarray
+    k: int
+
+    @property
+    def d(self) -> int:
+        return len(self.s)
+
+    @property
+    def weights(self) -> np.ndarray:
+        """w_i = s_i / sum s (uniform when C = 0)."""
+        total = self.s.sum()
+        return self.s / total if total > 0 else np.full(self.d, 1.0 / self.d)
+
+
+def determined_part(acts_src, acts_tgt, fraction: float = DETERMINED_FRACTION) -> DeterminedPart:
+    """The directions the data determine R along (see the section comment above)."""
+    src, tgt = _paired_arrays(acts_src, acts_tgt)
+    C = (tgt - tgt.mean(axis=0)).T @ (src - src.mean(axis=0))
+    U, s, Vt = np.linalg.svd(C)
+    return DeterminedPart(U, Vt.T, s, max(1, _count_for_fraction(s, fraction)))
+
+
+def _check_part(matrix: np.ndarray, part: DeterminedPart) -> None:
+    if matrix.shape[0] != part.d:
+        raise ValueError(f"R is {matrix.shape[0]}-dimensional, the determined part lives in {part.d}")
+
+
+def restrict(R, part: DeterminedPart) -> np.ndarray:
+    """R_det = polar(U_k^T R U_k) in O(k): R on its determined part (Haar O(k) when R is Haar O(d))."""
+    matrix = _as_square(R)
+    _check_part(matrix, part)
+    U_k = part.U[:, :part.k]
+    orthogonal, _ = scipy.linalg.polar(U_k.T @ matrix @ U_k)
+    return orthogonal
+
+
+def determined_frobenius(R, part: DeterminedPart) -> float:
+    """||U_k^T R||_F: the size of R (or of a difference of rotations) along the determined directions."""
+    matrix = _as_square(R)
+    _check_part(matrix, part)
+    return float(np.linalg.norm(part.U[:, :part.k].T @ matrix))
+
+
+def determined_statistics(R, part: DeterminedPart, *, haar_seed: int = 31, n_haar: int = 10) -> dict:
+    """The paper's rotation statistics on R's determined part (R_det = restrict(R, part)) and the
+    singular-value-weighted Frobenius ratio; every ratio is ~1 for Haar R and 0 for R = I there."""
+    matrix = _as_square(R)
+    R_det = restrict(matrix, part)
+    angles = eigen_angles(R_det)
+    ks = ks_vs_haar(angles, d=part.k, n_samples=n_haar, seed=haar_seed)
+    row_norms = np.sum((part.U.T @ (matrix - np.eye(len(matrix)))) ** 2, axis=1)
+    frob = frobenius_from_identity(R_det)
+    return {
+        "det_k": part.k,
+        "det_frob_from_identity": frob,
+        "det_frob_ratio": frob / haar_frobenius_prediction(part.k),
+        "det_ks_statistic": ks["statistic"],
+        "det_ks_pvalue": ks["pvalue"],
+        "det_mean_cos_angle": float(np.mean(np.cos(angles))),
+        "weighted_frob_ratio": math.sqrt(float(np.sum(part.weights * row_norms)) / 2.0),
+    }
+
+
+def split_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint random halves of n rows, of equal size (the odd row out is left out)."""
+    if n < 4:
+        raise ValueError(f"a split into halves needs at least 4 rows, got {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    half = n // 2
+    return order[:half], order[half:2 * half]
+
+
+def split_half_stability(acts_src, acts_tgt, *, seed: int = 0, fraction: float = DETERMINED_FRACTION) -> dict:
+    """R fitted on two disjoint halves of the rows, R_a and R_b, compared.
+
+    split_frob = ||R_a - R_b||_F (0 when the data fix R; ~sqrt(2 d_free) when d_free directions are
+    arbitrary), split_det_frob = ||U_k^T (R_a - R_b)||_F on the determined part of the whole batch,
+    split_max_angle and split_n_turned: the largest eigen-angle of R_a R_b^T and how many exceed
+    TURNED_ANGLE (in how many directions the fits disagree), split_det_max_angle the same for
+    restrict(R_a) restrict(R_b)^T.
+    """
+    src, tgt = _paired_arrays(acts_src, acts_tgt)
+    a, b = split_halves(len(src), seed)
+    R_a, R_b = (fit_rotation(src[rows], tgt[rows]).R.numpy() for rows in (a, b))
+    part = determined_part(src, tgt, fraction)
+    angles = eigen_angles(R_a @ R_b.T)
+    det_angles = eigen_angles(restrict(R_a, part) @ restrict(R_b, part).T)
+    return {
+        "split_frob": float(np.linalg.norm(R_a - R_b)),
+        "split_det_frob": determined_frobenius(R_a - R_b, part),
+        "split_max_angle": float(angles.max()),
+        "split_n_turned": int(np.sum(angles > TURNED_ANGLE)),
+        "split_det_max_angle": float(det_angles.max()),
+    }
+
+
+def determinacy(acts_src, acts_tgt, R, *, seed: int = 0, fraction: float = DETERMINED_FRACTION,
+                haar_seed: int = 31, n_haar: int = 10) -> dict:
+    """Everything about how far the data determine R, for one pair and site: the effective rank of
+    both sides (participation ratio, dimensions holding `fraction` of the variance), the rotation
+    statistics on the determined part, and split-half stability."""
+    part = determined_part(acts_src, acts_tgt, fraction)
+    return {
+        "src_participation_ratio": participation_ratio(acts_src),
+        "tgt_participation_ratio": participation_ratio(acts_tgt),
+        "src_dims_99": variance_dims(acts_src, fraction),
+        "tgt_dims_99": variance_dims(acts_tgt, fraction),
+        **determined_statistics(R, part, haar_seed=haar_seed, n_haar=n_haar),
+        **split_half_stability(acts_src, acts_tgt, seed=seed, fraction=fraction),
+    }
+
+
+def partial_haar_rotation(d: int, fixed: float, seed: int) -> torch.Tensor:
+    """Haar-random on a random subspace of round((1 - fixed) d) dimensions, the identity on the rest:
+    `fixed` = 0 is a Haar draw, 1 the identity, and in between R is 'Haar except for a fixed part',
+    the departure a shared basis (Cohort A's frozen embeddings) would leave."""
+    if not 0.0 <= fixed <= 1.0:
+        raise ValueError(f"fixed must lie in [0, 1], got {fixed}")
+    rng = np.random.default_rng(seed)
+    turned = round((1.0 - fixed) * d)
+    basis = scipy.stats.ortho_group.rvs(d, random_state=rng) if d > 1 else np.ones((1, 1))
+    inner = np.eye(d)
+    if turned >= 2:
+        inner[:turned, :turned] = scipy.stats.ortho_group.rvs(turned, random_state=rng)
+    elif turned == 1:
+        inner[0, 0] = rng.choice([-1.0, 1.0])
+    return torch.from_numpy(basis @ inner @ basis.T)
