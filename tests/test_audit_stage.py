@@ -28,7 +28,7 @@ def audited(seed_run):
     # Another SAE seed: two SAEs from one initialisation share decoder directions before any training.
     target_sae = STAGES["train_sae"](model_run=target, site="resid_mid_1", sae_seed=1, **TINY_SAE)
     run_id = STAGES["audit"](source=source, saes=saes, targets=target, target_saes=target_sae, null="1000,1001",
-                             null_sae_steps=100, experiment=EXPERIMENT, **SMALL_BATCH)
+                             null_sae_steps=100, power_draws=3, experiment=EXPERIMENT, **SMALL_BATCH)
     table = pd.read_csv(tracking.artifact_dir(run_id) / "audit.csv")
     ids = {"source": source, "target": target, "saes": saes, "target_sae": target_sae}
     return ids, table.set_index(["kind", "site"]), MlflowClient().get_run(run_id)
@@ -66,9 +66,37 @@ def test_untrained_pair_sits_beside_the_trained_pair(audited):
     assert str(untrained["source_seed"]) == "1000" and str(untrained["target_seed"]) == "1001"
     assert untrained["rotation_ev"] < table.loc[("trained", "resid_mid_1"), "rotation_ev"]
     summary = pd.read_csv(tracking.artifact_dir(run.info.run_id) / "summary.csv").set_index("quantity")
-    assert list(summary.columns) == ["trained_min", "trained_max", "untrained_min", "untrained_max", "separates"]
-    assert bool(summary.loc["rotation_ev", "separates"])
+    assert list(summary.columns) == ["trained_min", "trained_max", "untrained_min", "untrained_max", "separates",
+                                     "direction"]
+    assert bool(summary.loc["rotation_ev", "separates"]) and summary.loc["rotation_ev", "direction"] == "trained above"
     assert run.data.metrics["separates.rotation_ev"] == 1.0
+    assert run.data.metrics["separates_direction.rotation_ev"] == 1.0
+
+
+def test_determinacy_maps_and_planted_nulls(audited):
+    """The exactly rotated copy is determined where the data have variance; the planted nulls come
+    out as planted; the map ladder and the decoder's drift from its initialisation are reported."""
+    _, table, run = audited
+    mid = table.loc[("trained", "resid_mid_1")]
+    assert mid["split_det_frob"] < 1e-3 and mid["det_k"] <= mid["src_dims_99"] + 1
+    assert 1 <= mid["src_participation_ratio"] <= 64
+    assert mid["map_orthogonal_ev"] > 1 - 1e-6 and mid["map_affine_ev"] > 1 - 1e-6
+    assert mid["map_identity_ev"] < mid["map_orthogonal_ev"]
+    assert mid["map_orthogonal_sae_ev"] == pytest.approx(mid["sae_self_ev"], abs=0.05)
+    assert mid["cka"] == pytest.approx(1.0, abs=1e-9)  # CKA is blind to rotations
+    same = table.loc[("same_model", "resid_mid_1")]
+    assert same["det_frob_ratio"] < 0.05 and same["target"] == "same_model"
+    assert table.loc[("planted_angle", "resid_mid_1"), "det_frob_ratio"] < 0.5
+    assert table.loc[("planted_haar", "resid_mid_1"), "det_frob_ratio"] > 0.7
+    # Two SAEs of different seeds: each moved some way from its own start, and they did not share one.
+    assert mid["decoder_shared_init"] == 0.0 and -1 <= mid["decoder_target_init_cos"] <= 1
+    artifacts = tracking.artifact_dir(run.info.run_id)
+    power = pd.read_csv(artifacts / "power.csv")
+    assert set(power["site"]) == {"resid_mid_1"} and set(power["kind"]) == {"haar", "angle", "fixed"}
+    assert "power.resid_mid_1.angle.det_frob" in run.data.metrics
+    assert "power.resid_mid_1.uniformity_p.ks" in run.data.metrics
+    for figure in ("fig_power.png", "fig_which_map.png", "fig2_determined_angles.png"):
+        assert (artifacts / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_artifacts_metrics_and_lineage(audited):
@@ -77,7 +105,7 @@ def test_artifacts_metrics_and_lineage(audited):
     for figure in ("fig1_ev_by_site.png", "fig2_eigen_angles.png"):
         assert (artifacts / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert run.data.tags[tracking.TAG_DIGEST + figure] == tracking.sha256_file(artifacts / figure)
-    assert len(table) == 2 * len(SITES)
+    assert len(table) == 5 * len(SITES)  # trained, untrained and the three planted nulls
     for column in ("target", "source_run", "target_run", "sae_run", "sae_self_ev", "sae_raw_ev", "sae_rotated_ev",
                    "sae_rotated_gap", "sae_gaussian_ev", "sae_gaussian_target_ev", "firing_raw_mean",
                    "firing_raw_frac_above", "firing_rotated_frac_above", "identity_ev", "raw_ev", "frob_ratio",
@@ -99,7 +127,8 @@ def test_cross_checkpoint_audit_of_one_run(seed_run):
     saes = STAGES["train_sae"](model_run=seed_run, site="resid_mid_1", **TINY_SAE)
     run_id = STAGES["audit"](source=seed_run, saes=saes, targets=seed_run, target_checkpoints="step-000020,final",
                              experiment=EXPERIMENT, **SMALL_BATCH)
-    table = pd.read_csv(tracking.artifact_dir(run_id) / "audit.csv").set_index("target_checkpoint")
+    table = pd.read_csv(tracking.artifact_dir(run_id) / "audit.csv")
+    table = table[table["kind"] == "trained"].set_index("target_checkpoint")
     assert list(table["target"]) == ["s0-step-000020", "s0-final"]
     final, early = table.loc["final"], table.loc["step-000020"]
     assert final["sae_raw_ev"] == pytest.approx(final["sae_self_ev"], abs=1e-6)

@@ -9,11 +9,14 @@ from polyrot.experiments import pipeline
 from polyrot.experiments.claims import (
     FAIL,
     MISSING,
+    NO_POWER,
     PASS,
+    VERDICTS,
     ClaimError,
     evaluate,
     failed_required,
     parse_claim,
+    render_markdown,
     render_text,
 )
 
@@ -77,14 +80,55 @@ def test_missing_metrics_fail_only_required_claims():
     assert required.status == optional.status == MISSING and required.measured is None
     assert failed_required([required, optional]) == [required]
     text = render_text([required, optional])
-    assert "not measured" in text and "2 claims: 0 pass, 0 fail, 2 not measured; 1 required" in text
+    assert "NOT MEASURED" in text and "2 claims: 0 PASS, 0 FAIL, 0 NO POWER, 2 NOT MEASURED; 1 required" in text
 
 
 def test_nan_values_are_not_measurements():
     assert evaluate(claim(metrics="x", expect={"above": 0}), {"audit": {"x": math.nan}}).status == MISSING
 
 
+NULLED = {"audit": {"resid_mid_0.s1.frob_ratio": 0.97, "resid_mid_0.s2.frob_ratio": 0.99,
+                   "resid_mid_0.untrained.frob_ratio": 0.96, "resid_mid_1.untrained.frob_ratio": 0.98,
+                   "resid_mid_0.s1.identity_ev": 0.66, "resid_mid_0.s2.identity_ev": 0.64}}
+
+
+def test_a_value_inside_the_null_range_has_no_power_never_pass():
+    haar = {"metrics": "resid_mid_0.s*.frob_ratio", "expect": {"near": 1.0}, "tol": 0.05}
+    assert evaluate(claim(**haar), NULLED).status == PASS
+    v = evaluate(claim(**haar, null="*.untrained.frob_ratio"), NULLED)
+    assert v.status == NO_POWER and v.null_spread == (0.96, 0.98) and v.null_n == 2
+    assert v.null_shown == "0.96 … 0.98 (n=2)"
+    # Apart from the null's range the claim passes, and outside the paper's interval it fails.
+    apart = {"audit": {**NULLED["audit"], "resid_mid_0.untrained.frob_ratio": 0.5, "resid_mid_1.untrained.frob_ratio": 0.6}}
+    assert evaluate(claim(**haar, null="*.untrained.frob_ratio"), apart).status == PASS
+    assert evaluate(claim(metrics="resid_mid_0.s*.frob_ratio", expect={"below": 0.9}, null="*.untrained.frob_ratio"),
+                    NULLED).status == FAIL
+    # A claim whose null was not logged keeps its verdict and says the null was not measured.
+    v = evaluate(claim(**haar, null="*.never.frob_ratio"), NULLED)
+    assert v.status == PASS and v.null_shown == "not measured"
+    assert NO_POWER in VERDICTS and len(set(VERDICTS)) == 4
+    assert failed_required([v, evaluate(claim(**haar, null="*.untrained.frob_ratio"), NULLED)]) != []
+
+
+def test_a_verdict_that_does_not_pass_carries_its_attribution():
+    why = {"metric": "resid_mid_0.s*.identity_ev", "text": "pinned by the shared unembedding: identity EV {value:.2f}"}
+    v = evaluate(claim(metrics="resid_mid_0.s*.frob_ratio", expect={"below": 0.5}, attribution=why), NULLED)
+    assert v.status == FAIL and v.reason == "pinned by the shared unembedding: identity EV 0.65"
+    assert "identity EV 0.65" in render_text([v]) and "identity EV 0.65" in render_markdown([v])
+    assert evaluate(claim(metrics="resid_mid_0.s*.frob_ratio", expect={"below": 5}, attribution=why), NULLED).reason == ""
+    # No metric behind it: no attribution rather than a made-up one.
+    ghost = {**why, "metric": "nothing.*"}
+    assert evaluate(claim(metrics="resid_mid_0.s*.frob_ratio", expect={"below": 0.5}, attribution=ghost),
+                    NULLED).reason == ""
+
+
 @pytest.mark.parametrize("fields,message", [
+    ({"metrics": "x", "expect": {"below": 0}, "attribution": "because"}, "'attribution' takes a mapping"),
+    ({"metrics": "x", "expect": {"below": 0}, "attribution": {"metric": "x", "text": "{valu}"}},
+     "must format with {value}"),
+    ({"metrics": "x", "expect": {"below": 0}, "attribution": {"metric": "x", "text": "t", "by": 1}},
+     "attribution has no field 'by'"),
+    ({"metrics": "x", "expect": {"below": 0}, "null": []}, "'null' takes a metric-name glob"),
     ({"expect": {"below": 0}}, "needs 'metrics'"),
     ({"metrics": "x", "expect": {"below": 0, "above": 1}}, "exactly one of"),
     ({"metrics": "x", "expect": {"near": 1}}, "'near' needs a positive 'tol'"),

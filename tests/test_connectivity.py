@@ -1,6 +1,7 @@
 """Linear mode connectivity against ground truth: a model with itself, and with a copy hidden behind
 a known random symmetry (permuted heads and neurons, rotated heads and residual stream)."""
 
+import pandas as pd
 import pytest
 import torch
 
@@ -68,3 +69,25 @@ def test_bad_input(trained, sets):
         interpolate(trained, DyckTransformer(seed=0), 0.5)
     with pytest.raises(ParameterError, match="unknown path"):
         connectivity(trained, trained, sets, paths=("sideways",))
+
+
+def test_connectivity_stage_logs_curves_barriers_and_refuses_bad_input(seed_run):
+    from mlflow.tracking import MlflowClient
+
+    from polyrot import tracking
+    from polyrot.stages import STAGES
+    from tests.conftest import TINY_TRAIN, cli, one_line_error
+
+    other = STAGES["train_seed"](seed=1, experiment="tests-connectivity", **TINY_TRAIN)
+    run_id = STAGES["connectivity"](reference=seed_run, models=f"{seed_run},{other}", eval_sequences=16, starts=1,
+                                    outer_iters=1, cayley_iters=0, experiment="tests-connectivity")
+    run = MlflowClient().get_run(run_id)
+    table = pd.read_csv(tracking.artifact_dir(run_id) / "connectivity.csv")
+    assert set(table["path"]) == {UNALIGNED, PERMUTED, ALIGNED} and set(table["model"]) == {"s1"}
+    assert len(table) == 3 * 11
+    for path in (UNALIGNED, PERMUTED, ALIGNED):
+        assert run.data.metrics[f"s1.{path}.barrier"] == pytest.approx(barrier(table[table["path"] == path]))
+    assert (tracking.artifact_dir(run_id) / "fig_connectivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one_line_error(cli("connectivity", "--reference", seed_run, "--models", other, "--points", "5"),
+                   "--points must be at least 11")
+    one_line_error(cli("connectivity", "--reference", seed_run, "--models", seed_run), "names no run other than")

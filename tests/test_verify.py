@@ -10,8 +10,8 @@ from tests.conftest import cli, one_line_error
 
 def test_reproduce_records_verdicts_and_the_report_on_its_parent(smoke_reproduction):
     run = MlflowClient().get_run(smoke_reproduction)
-    assert run.data.tags["polyrot.claim.rotation-operator-norm"] == "pass"
-    assert run.data.tags["polyrot.claim.rotation-beats-identity"] == "pass"
+    assert run.data.tags["polyrot.claim.rotation-operator-norm"] == "PASS"
+    assert run.data.tags["polyrot.claim.rotation-beats-identity"] == "PASS"
     assert run.data.metrics["claims.pass"] == 2 and run.data.metrics["claims.required_failing"] == 0
     assert abs(run.data.metrics["claim.rotation-operator-norm.value"] - 1) < 5e-5
     report = tracking.artifact_dir(smoke_reproduction) / run.data.tags["polyrot.report"]
@@ -26,9 +26,9 @@ def test_verify_prints_the_table_and_passes(smoke_reproduction):
     result = cli("verify", "smoke")
     assert result.exit_code == 0, result.output
     assert f"reproduction {smoke_reproduction}" in result.stdout
-    assert "rotation-beats-identity" in result.stdout and "2 claims: 2 pass, 0 fail, 0 not measured" in result.stdout
+    assert "rotation-beats-identity" in result.stdout and "2 claims: 2 PASS, 0 FAIL, 0 NO POWER, 0 NOT MEASURED" in result.stdout
     table = pd.read_csv(tracking.artifact_dir(smoke_reproduction) / "claims.csv")
-    assert list(table["status"]) == ["pass", "pass"]
+    assert list(table["status"]) == ["PASS", "PASS"]
 
 
 def test_a_failing_required_claim_exits_1_and_an_optional_one_does_not(smoke_reproduction, tmp_path):
@@ -43,7 +43,7 @@ def test_a_failing_required_claim_exits_1_and_an_optional_one_does_not(smoke_rep
     path.write_text((PROJECTS / "smoke.yaml").read_text() + failing)
     result = cli("verify", str(path), "--run", smoke_reproduction)
     assert result.exit_code == 1 and "paper-decoder-cosine" in result.stdout and "FAIL" in result.stdout
-    assert MlflowClient().get_run(smoke_reproduction).data.tags["polyrot.claim.paper-decoder-cosine"] == "fail"
+    assert MlflowClient().get_run(smoke_reproduction).data.tags["polyrot.claim.paper-decoder-cosine"] == "FAIL"
     path.write_text((PROJECTS / "smoke.yaml").read_text() + failing + "    required: false\n")
     assert cli("verify", str(path), "--run", smoke_reproduction).exit_code == 0
 

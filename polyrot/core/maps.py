@@ -30,6 +30,8 @@ import scipy.linalg
 import scipy.optimize
 import torch
 
+from polyrot.core.rotation import split_halves
+
 MAPS = ("identity", "signed_permutation", "orthogonal", "orthogonal_scale", "linear", "affine")
 
 
@@ -112,3 +114,13 @@ def linear_cka(X, Y) -> float:
     denominator = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
     return float(np.linalg.norm(y.T @ x) ** 2 / denominator) if denominator > 0 else 0.0
 
+
+
+def held_out_maps(acts_src, acts_tgt, *, seed: int = 0) -> tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]:
+    """Every map fitted on one random half of the rows and applied to the other (split_halves):
+    ({kind: EV on the held-out half}, {kind: the held-out target rows mapped}, the held-out source rows)."""
+    src, tgt = _pair(acts_src, acts_tgt)
+    fit, held = split_halves(len(src), seed)
+    maps = fit_maps(src[fit], tgt[fit])
+    return ({kind: map_ev(m, src[held], tgt[held]) for kind, m in maps.items()},
+            {kind: m.apply(tgt[held]) for kind, m in maps.items()}, src[held])

@@ -172,6 +172,23 @@ def train_sae(x: torch.Tensor, cfg: SAEConfig, target: torch.Tensor | None = Non
     return sae, history
 
 
+def initial_decoder(cfg: SAEConfig) -> torch.Tensor:
+    """The decoder [d_out, d_sae] an SAE of `cfg` starts from: a function of cfg.seed and the shape
+    alone (train_sae moves only the biases to the data before the first step)."""
+    return SparseAutoencoder(cfg).W_dec.detach()
+
+
+def decoder_drift(sae: SparseAutoencoder) -> dict[str, float]:
+    """How far training moved the decoder from its initialisation: init_cos_mean, the mean cosine
+    of each decoder column to its own starting column (1: it never moved), and init_max_mean, the
+    mean best cosine of a trained column to any starting one. Two SAEs that share an
+    initialisation and barely move from it agree with each other for that reason alone."""
+    start = initial_decoder(sae.cfg).to(torch.float64)
+    trained = sae.W_dec.detach().to(device="cpu", dtype=torch.float64)
+    cosines = (start * trained).sum(0) / (start.norm(dim=0) * trained.norm(dim=0)).clamp_min(1e-12)
+    return {"init_cos_mean": float(cosines.mean()), "init_max_mean": metrics.decoder_cosine(start, trained)["max_mean"]}
+
+
 def save_sae(sae: SparseAutoencoder, directory) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

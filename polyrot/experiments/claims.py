@@ -17,14 +17,25 @@ that experiment's nodes:
       expect: {below: 0}                   below / above / between [lo, hi] / near + tol
       tol: 0                               added to the bounds (absolute)
       required: true                       a failing required claim makes `verify` exit 1
+      null: ["*.untrained.frob_ratio"]     optional: the same quantity on a null control (globs
+                                           on the same node); values inside its range: NO POWER
+      attribution:                         optional: why a claim that does not pass, from a metric
+        metric: "resid_post_1.s*.identity_ev"      (globs, node as the claim's unless given)
+        text: "pinned by the shared unembedding: identity EV {value:.2f}"
+        reduce: mean                       over the matched values (default mean)
 
 Pairing with `compare_to`: a metric and its partner are paired when they come from the same node
 and their names agree after dropping the last dotted component (`resid_mid_0.s1.firing_rotated_mean`
 pairs with `resid_mid_0.s1.firing_raw_mean`; dotless names such as `r_ig` and `r_ap` pair by node);
 a metric without a partner is an error of the claim.
 
-Verdicts: pass, fail, or missing (no metric matched: the node did not run, or logs other names).
-A missing claim counts as failing when it is required, since nothing was verified.
+Verdicts (VERDICTS, defined here only):
+  PASS          the measured value lies in the paper's interval and, with a null, apart from it
+  FAIL          it lies outside the paper's interval
+  NO POWER      it lies inside the interval, but the null's values overlap the measured ones: the
+                statistic cannot tell the trained models from the control, so nothing was shown
+  NOT MEASURED  no metric matched (the node did not run, or logs other names)
+Only PASS counts as verified: a required claim with any other verdict makes `verify` exit 1.
 """
 
 from __future__ import annotations
@@ -42,9 +53,26 @@ from polyrot.errors import ParameterError
 REDUCERS = ("all", "min", "max", "mean", "median")
 OPS = ("difference", "ratio")
 EXPECTATIONS = ("below", "above", "between", "near")
-PASS, FAIL, MISSING = "pass", "fail", "missing"
+PASS, FAIL, NO_POWER, MISSING = "PASS", "FAIL", "NO POWER", "NOT MEASURED"
+VERDICTS = (PASS, FAIL, NO_POWER, MISSING)
 _KEYS = {"id", "section", "claim", "paper", "node", "metrics", "compare_to", "op", "reduce", "expect", "tol",
-         "required"}
+         "required", "null", "attribution"}
+_ATTRIBUTION_KEYS = {"metric", "text", "reduce", "node"}
+
+
+def slug(status: str) -> str:
+    """A verdict as a metric-name part: "NO POWER" -> "no_power"."""
+    return status.lower().replace(" ", "_")
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """A one-line reason for a verdict other than PASS, read from a logged metric."""
+
+    metrics: tuple[str, ...]
+    text: str
+    reduce: str = "mean"
+    node: str | None = None
 
 
 class ClaimError(ParameterError):
@@ -65,6 +93,8 @@ class Claim:
     op: str = "difference"
     tol: float = 0.0
     required: bool = True
+    null: tuple[str, ...] = ()
+    attribution: Attribution | None = None
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -84,6 +114,8 @@ class Claim:
         """The accepted interval in words, for the table."""
         lo, hi = self.bounds
         which = "every value" if self.reduce == "all" else self.reduce
+        if "near" in self.expect:  # at 4 significant digits, [1 - 5e-05, 1 + 5e-05] would print as [1, 1]
+            return f"{which} in {float(self.expect['near']):.4g} ± {self.tol:.3g}"
         if math.isinf(lo):
             return f"{which} < {hi:.4g}"
         if math.isinf(hi):
@@ -99,6 +131,9 @@ class Verdict:
     spread: tuple[float, float] | None = None  # min and max over the matched values
     n: int = 0
     values: dict[str, float] = field(default_factory=dict)
+    null_spread: tuple[float, float] | None = None  # min and max over the null's values
+    null_n: int = 0
+    reason: str = ""  # the attribution, for a verdict other than PASS
 
     @property
     def shown(self) -> str:
@@ -107,6 +142,14 @@ class Verdict:
         if self.claim.reduce == "all" and self.n > 1:
             return f"{_fmt(self.spread[0])} … {_fmt(self.spread[1])} (n={self.n})"
         return _fmt(self.measured) + (f" (n={self.n})" if self.n > 1 else "")
+
+    @property
+    def null_shown(self) -> str:
+        """The null's range, or "" without one (or when the claim names one that was not measured)."""
+        if self.null_spread is None:
+            return "not measured" if self.claim.null else ""
+        lo, hi = self.null_spread
+        return f"{_fmt(lo)} … {_fmt(hi)} (n={self.null_n})" if self.null_n > 1 else _fmt(lo)
 
 
 def _fmt(x: float) -> str:
@@ -118,6 +161,26 @@ def _globs(value, where: str, key: str) -> tuple[str, ...]:
     if not isinstance(items, list) or not items or not all(isinstance(g, str) and g for g in items):
         raise ClaimError(f"{where}: '{key}' takes a metric-name glob or a list of them")
     return tuple(items)
+
+
+def _attribution(value, where: str, claim_id: str) -> Attribution:
+    if not isinstance(value, Mapping) or "metric" not in value or "text" not in value:
+        raise ClaimError(f"{where}: claim {claim_id}: 'attribution' takes a mapping with metric and text")
+    value = {k: v for k, v in value.items() if k != "__line__"}
+    unknown = sorted(set(value) - _ATTRIBUTION_KEYS)
+    if unknown:
+        raise ClaimError(f"{where}: claim {claim_id}: attribution has no field {unknown[0]!r}; "
+                         f"fields: {', '.join(sorted(_ATTRIBUTION_KEYS))}")
+    reduce = value.get("reduce", "mean")
+    if reduce not in REDUCERS[1:]:
+        raise ClaimError(f"{where}: claim {claim_id}: attribution reduce must be one of "
+                         f"{', '.join(REDUCERS[1:])}, got {reduce!r}")
+    try:
+        str(value["text"]).format(value=0.0)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ClaimError(f"{where}: claim {claim_id}: attribution text must format with {{value}} only: {e}") from None
+    return Attribution(_globs(value["metric"], where, "attribution.metric"), str(value["text"]), reduce,
+                       str(value["node"]) if "node" in value else None)
 
 
 def parse_claim(entry: Mapping, where: str) -> Claim:
@@ -145,6 +208,8 @@ def parse_claim(entry: Mapping, where: str) -> Claim:
         paper=str(entry["paper"]), node=str(entry["node"]), metrics=_globs(entry["metrics"], where, "metrics"),
         expect=expect, reduce=reduce, op=op, tol=float(entry.get("tol", 0.0)), required=bool(entry.get("required", True)),
         compare_to=_globs(entry["compare_to"], where, "compare_to") if "compare_to" in entry else (),
+        null=_globs(entry["null"], where, "null") if "null" in entry else (),
+        attribution=_attribution(entry["attribution"], where, str(entry["id"])) if "attribution" in entry else None,
     )
     try:
         lo, hi = claim.bounds
@@ -174,8 +239,29 @@ def _prefix(key: str) -> str:
     return f"{node}/{name.rsplit('.', 1)[0]}" if "." in name else node
 
 
+def _reason(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> str:
+    found = claim.attribution
+    if found is None:
+        return ""
+    values = [v for v in _matching(metrics, found.node or claim.node, found.metrics).values() if not math.isnan(v)]
+    return found.text.format(value=float(getattr(np, found.reduce)(values))) if values else ""
+
+
 def evaluate(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> Verdict:
     """The claim's verdict on `metrics` ({node id: {metric name: value}})."""
+    verdict = _evaluate(claim, metrics)
+    null = [v for v in _matching(metrics, claim.node, claim.null).values() if not math.isnan(v)] if claim.null else []
+    if null:
+        verdict.null_spread, verdict.null_n = (min(null), max(null)), len(null)
+        lo, hi = verdict.null_spread
+        if verdict.status == PASS and verdict.spread[0] <= hi and verdict.spread[1] >= lo:
+            verdict.status = NO_POWER  # the trained values do not leave the null's range
+    if verdict.status in (FAIL, NO_POWER):
+        verdict.reason = _reason(claim, metrics)
+    return verdict
+
+
+def _evaluate(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> Verdict:
     values = _matching(metrics, claim.node, claim.metrics)
     if claim.compare_to:
         partners = {_prefix(k): v for k, v in _matching(metrics, claim.node, claim.compare_to).items()}
@@ -204,8 +290,8 @@ def evaluate(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> Verdic
 def verdict_table(verdicts: list[Verdict]) -> pd.DataFrame:
     return pd.DataFrame([{
         "id": v.claim.id, "section": v.claim.section, "claim": v.claim.claim, "paper": v.claim.paper,
-        "expected": v.claim.expectation, "measured": v.shown, "value": v.measured, "n": v.n, "status": v.status,
-        "required": v.claim.required,
+        "expected": v.claim.expectation, "tolerance": v.claim.tol, "measured": v.shown, "value": v.measured, "n": v.n,
+        "null": v.null_shown, "status": v.status, "why": v.reason, "required": v.claim.required,
     } for v in verdicts])
 
 
@@ -218,22 +304,24 @@ def render_text(verdicts: list[Verdict], width: int = 48) -> str:
     def cut(text: str, n: int) -> str:
         return text if len(text) <= n else text[:n - 1] + "…"
 
-    mark = {PASS: "PASS", FAIL: "FAIL", MISSING: "----"}
-    lines = [f"{'claim':<34} {'paper':<{width - 14}} {'measured':<34} verdict"]
+    lines = [f"{'claim':<34} {'paper':<{width - 14}} {'measured':<34} {'null':<26} verdict"]
     for v in verdicts:
-        flag = mark[v.status] + ("" if v.claim.required else " (optional)")
+        flag = v.status + ("" if v.claim.required else " (optional)") + (f": {v.reason}" if v.reason else "")
         lines.append(f"{cut(v.claim.id, 34):<34} {cut(v.claim.paper, width - 14):<{width - 14}} "
-                     f"{cut(v.shown, 34):<34} {flag}")
-    counts = {s: sum(v.status == s for v in verdicts) for s in (PASS, FAIL, MISSING)}
-    lines.append(f"{len(verdicts)} claims: {counts[PASS]} pass, {counts[FAIL]} fail, {counts[MISSING]} not measured; "
-                 f"{len(failed_required(verdicts))} required claim(s) not passing")
+                     f"{cut(v.shown, 34):<34} {cut(v.null_shown, 26):<26} {flag}")
+    counts = ", ".join(f"{sum(v.status == s for v in verdicts)} {s}" for s in VERDICTS)
+    lines.append(f"{len(verdicts)} claims: {counts}; {len(failed_required(verdicts))} required claim(s) not passing")
     return "\n".join(lines)
 
 
 def render_markdown(verdicts: list[Verdict]) -> str:
-    rows = ["| claim | § | paper | expected | measured | verdict |", "|---|---|---|---|---|---|"]
+    """The claims table in Markdown; "accepted" is the interval with the tolerance already added."""
+    rows = ["| claim | § | paper | accepted | tolerance | measured | null | verdict |",
+            "|---|---|---|---|---|---|---|---|"]
     for v in verdicts:
-        verdict = {PASS: "pass", FAIL: "**fail**", MISSING: "not measured"}[v.status]
+        verdict = v.status if v.status in (PASS, MISSING) else f"**{v.status}**"
         rows.append(f"| {v.claim.id}: {v.claim.claim} | {v.claim.section} | {v.claim.paper} | "
-                    f"{v.claim.expectation} | {v.shown} | {verdict}{'' if v.claim.required else ' (optional)'} |")
-    return "\n".join(rows)
+                    f"{v.claim.expectation} | {v.claim.tol:.3g} | {v.shown} | {v.null_shown} | "
+                    f"{verdict}{'' if v.claim.required else ' (optional)'}{f': {v.reason}' if v.reason else ''} |")
+    return "\n".join(rows) + ("\n\nThe tolerance is absolute and widens the paper's bound or bounds; the "
+                              "accepted interval includes it.")

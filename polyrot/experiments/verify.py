@@ -6,8 +6,8 @@ the run of every node. `verify` reads those runs' metrics, evaluates the experim
 
   metrics   claim.<id>.value   the measured (reduced) value
             claim.<id>.pass    1 or 0 (absent when the claim was not measured)
-            claims.pass / claims.fail / claims.missing / claims.required_failing
-  tags      polyrot.claim.<id> = pass | fail | missing
+            claims.pass / claims.fail / claims.no_power / claims.not_measured / claims.required_failing
+  tags      polyrot.claim.<id> = PASS | FAIL | NO POWER | NOT MEASURED (claims.VERDICTS)
   artifact  claims.csv         the table `polyrot verify` prints
 """
 
@@ -22,9 +22,11 @@ from polyrot.experiments import pipeline
 from polyrot.experiments.claims import (
     MISSING,
     PASS,
+    VERDICTS,
     Verdict,
     evaluate,
     failed_required,
+    slug,
     verdict_table,
 )
 
@@ -88,7 +90,7 @@ def record(verdicts: list[Verdict], run: tracking.StageRun) -> None:
         if v.status != MISSING:
             values[f"claim.{v.claim.id}.value"] = v.measured
             values[f"claim.{v.claim.id}.pass"] = float(v.status == PASS)
-    counts = {s: sum(v.status == s for v in verdicts) for s in ("pass", "fail", "missing")}
+    counts = {slug(s): sum(v.status == s for v in verdicts) for s in VERDICTS}
     run.log_metrics({**values, **{f"claims.{s}": n for s, n in counts.items()},
                      "claims.required_failing": len(failed_required(verdicts))})
     run.set_tags({TAG_CLAIM + v.claim.id: v.status for v in verdicts})

@@ -20,6 +20,17 @@ evaluation batch), one row of audit.csv:
   rotation_ev, identity_ev,     activation-level fit quality (polyrot.core.rotation.fit_quality): the
   raw_ev                        fraction of the source's variance the mapped target explains
   frob_ratio, ks_pvalue, ...    polyrot.core.rotation.rotation_statistics of R
+  src_/tgt_participation_ratio, polyrot.core.rotation.determinacy: how far the batch determines R —
+  src_/tgt_dims_99, det_*,      effective rank of both sides, the rotation statistics on R's
+  weighted_frob_ratio, split_*  determined part (det_k directions) and split-half stability
+  map_<map>_ev, map_<map>_sae_ev  which map suffices (polyrot.core.maps): each map fitted on one half
+                                of the rows, and on the other half the EV of the mapped target
+                                activations as the source's, and the source SAE's EV on them
+  cka                           linear CKA of the two sites' activations
+  decoder_{source,target}_init_cos, decoder_shared_init   with --target-saes: each SAE's mean decoder
+                                cosine to its own initialisation (polyrot.core.sae.decoder_drift)
+                                and whether the two SAEs started from one initialisation (the
+                                reference code's protocol: every SAE seeded 0)
 
 Rotations are fit here, on the audited batch, rather than fetched from fit_rotation runs: the audit
 needs both activation sets anyway, a fit costs milliseconds at d = 64, and the numbers then
@@ -30,6 +41,15 @@ DyckTransformer(seed=A) and (seed=B) (at initialisation every RMSNorm gain is 1:
 folded), get the same rows with kind=untrained. Their SAEs are trained here, on the untrained source's
 activations on task.SAE_SPEC, with the source SAE's config at each site (--null-sae-steps
 overrides its steps); there is no SAE of the untrained target, so no decoder cosine.
+
+Planted nulls (--planted-nulls, on by default): the source's own activations as the target, rows
+with kind and target named for the null (polyrot.core.nulls): same_model (rounded to bfloat16: R
+should be ~I on the determined part), planted_haar (turned by a known Haar rotation: the statistics
+should call it Haar) and planted_angle (turned by a rotation with every eigen-angle at most
+NULL_ANGLE: they should not). With --power-draws N, at each internal site the power curve of every
+rotation statistic on the source's activations (power.csv, fig_power.png; metrics
+power.<site>.angle.<statistic>, power.<site>.fixed.<statistic>, power.<site>.haar_rate.<statistic>,
+power.<site>.uniformity_p.<statistic>; see polyrot.core.nulls).
 
 Cross-checkpoint (--target-checkpoints): every target run is audited at each named checkpoint
 ("final" for its final weights) instead of at --checkpoint; the target label becomes
@@ -50,15 +70,21 @@ and figure 2 use the internal sites (all sites if the audit has no other).
 Artifacts:
   audit.csv                     one row per site x target (kind trained or untrained)
   summary.csv                   with --null: per quantity, its range over trained and untrained rows
-                                at internal sites and whether the two ranges are disjoint
+                                at internal sites, whether the two ranges are disjoint and in which
+                                direction (trained above / trained below / overlap)
   fig1_ev_by_site.png           self / raw / rotated / Gaussian EV per site (the paper's figure 1)
   fig2_eigen_angles.png         pooled eigen-angles of R against Haar O(d) (figure 2)
+  fig2_determined_angles.png    the same on the determined part R_det, against Haar O(k), with the
+                                untrained pair's and the planted nulls'
+  fig_which_map.png             EV of each map per site, held-out rows (mean over targets)
+  power.csv, fig_power.png      with --power-draws: rejection rate against the departure from Haar
   decoder_pairs.csv             hf_activations runs with --target-saes: decoder cosine of every pair
                                 of models per site
   fig_cross_checkpoint.png      with --target-checkpoints: ||R - I||_F, raw and rotated EV per site
                                 against the target checkpoint
 Metrics: <site>.<target>.<column> (target = s<seed>, or untrained), pooled.<kind>.*, and with
---null separates.<quantity> (1 when the trained and untrained ranges are disjoint).
+--null separates.<quantity> (1 when the trained and untrained ranges are disjoint) and
+separates_direction.<quantity> (+1 trained above, -1 trained below, 0 overlap).
 """
 
 from __future__ import annotations
@@ -72,18 +98,36 @@ import pandas as pd
 import torch
 
 from polyrot import tracking
+from polyrot.core import nulls
+from polyrot.core.maps import held_out_maps, linear_cka
 from polyrot.core.metrics import decoder_cosine, firing_correlation, firing_summary
 from polyrot.core.rotation import (
     Rotation,
+    determinacy,
+    determined_part,
     eigen_angles,
     fit_rotation,
     haar_angles,
+    haar_rotation,
     pooled_statistics,
+    restrict,
     rotation_statistics,
+    small_angle_rotation,
 )
-from polyrot.core.sae import SAEConfig, SparseAutoencoder, evaluate_sae, train_sae
+from polyrot.core.sae import (
+    SAEConfig,
+    SparseAutoencoder,
+    decoder_drift,
+    evaluate_sae,
+    train_sae,
+)
 from polyrot.errors import LineageError, ParameterError
 from polyrot.figures.audit import checkpoint_curve, eigen_angle_histogram, ev_by_site
+from polyrot.figures.nulls import (
+    determined_angle_histogram,
+    power_figure,
+    which_map_chart,
+)
 from polyrot.hf import lm
 from polyrot.stages import specs
 from polyrot.stages.base import (
@@ -110,6 +154,12 @@ EMBEDDING_SITES = (EMBEDDING_SITE, "layer0_resid_pre")
 N_HAAR, HAAR_SEED = 10, 31
 FINAL = "final"
 DECODER_KEYS = ("max_mean", "max_frac_above", "hungarian_mean", "hungarian_frac_above")
+# The planted nulls (module doc): their kind is also their target label.
+SAME_MODEL, PLANTED_HAAR, PLANTED_ANGLE = "same_model", "planted_haar", "planted_angle"
+PLANTED = (SAME_MODEL, PLANTED_HAAR, PLANTED_ANGLE)
+NULL_ANGLE = 0.5       # radians: the largest eigen-angle of planted_angle's rotation
+PLANTED_SEED = 2024    # seed of the planted rotations
+SPLIT_SEED = 0         # seed of the split into halves (split-half stability, held-out maps)
 
 
 def parse_run_ids(raw: str, flag: str) -> list[str]:
@@ -203,7 +253,74 @@ def transfer_row(sae: SparseAutoencoder, acts_src: torch.Tensor, acts_tgt: torch
         for name, W in (("raw", W_tgt), ("rotated", rotation.to_source(W_tgt.T).T)):
             cosine = decoder_cosine(sae.W_dec.detach(), W)
             row.update({f"decoder_{name}_{key}": cosine[key] for key in DECODER_KEYS})
-    return {**row, **{k: rotation.metadata[k] for k in FIT_QUALITY}, **rotation_statistics(rotation)}
+        row["decoder_source_init_cos"] = decoder_drift(sae)["init_cos_mean"]
+        row["decoder_target_init_cos"] = decoder_drift(target_sae)["init_cos_mean"]
+        row["decoder_shared_init"] = float(sae.cfg.seed == target_sae.cfg.seed and sae.cfg.d_sae == target_sae.cfg.d_sae)
+    return {**row, **{k: rotation.metadata[k] for k in FIT_QUALITY}, **rotation_statistics(rotation),
+            **determinacy(acts_src, acts_tgt, rotation.R, seed=SPLIT_SEED, haar_seed=HAAR_SEED, n_haar=N_HAAR),
+            **which_map(sae, acts_src, acts_tgt)}
+
+
+@torch.no_grad()
+def which_map(sae: SparseAutoencoder, acts_src: torch.Tensor, acts_tgt: torch.Tensor) -> dict:
+    """map_<map>_ev and map_<map>_sae_ev for every map of polyrot.core.maps on held-out rows, and cka."""
+    evs, mapped, _ = held_out_maps(acts_src, acts_tgt, seed=SPLIT_SEED)
+    row = {f"map_{kind}_ev": ev for kind, ev in evs.items()}
+    row.update({f"map_{kind}_sae_ev": evaluate_sae(sae, torch.from_numpy(rows).to(acts_src.dtype))["ev"]
+                for kind, rows in mapped.items()})
+    row["cka"] = linear_cka(acts_src, acts_tgt)
+    return row
+
+
+def fit(acts_src: torch.Tensor, acts_tgt: torch.Tensor, site: str) -> Rotation:
+    """The audit's rotation of one pair and site; its metadata carries the site and the eigen-angles
+    of its determined part (det_angles, for figure 2's determined panel)."""
+    part = determined_part(acts_src, acts_tgt)
+    rotation = fit_rotation(acts_src, acts_tgt, metadata={"site": site})
+    rotation.metadata["det_angles"] = eigen_angles(restrict(rotation.R, part)).tolist()
+    return rotation
+
+
+def planted_targets(acts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{null kind: target rows} for the planted nulls on a source's activations (module doc)."""
+    x = acts.to(torch.float64)
+    d = x.shape[1]
+    _, same = nulls.same_model_pair(x)
+    turned = {PLANTED_HAAR: haar_rotation(d, PLANTED_SEED), PLANTED_ANGLE: small_angle_rotation(d, NULL_ANGLE, PLANTED_SEED)}
+    found = {SAME_MODEL: torch.from_numpy(same)}
+    found.update({kind: torch.from_numpy(nulls.planted_pair(x, Q)[1]) for kind, Q in turned.items()})
+    return {kind: rows.to(acts.dtype) for kind, rows in found.items()}
+
+
+def planted_rows(saes: Mapping[str, SparseAutoencoder], acts_src: Mapping[str, torch.Tensor], source_seed, *,
+                 gaussian_seed: int) -> tuple[list[dict], dict[str, list[Rotation]]]:
+    """The planted nulls' audit rows at every site (the source is both sides), and their rotations by kind."""
+    rows, rotations = [], {kind: [] for kind in PLANTED}
+    for site, sae in saes.items():
+        for kind, target in planted_targets(acts_src[site]).items():
+            rotation = fit(acts_src[site], target, site)
+            rotations[kind].append(rotation)
+            rows.append({"site": site, "kind": kind, "target": kind, "source_seed": source_seed,
+                         "target_seed": source_seed, **transfer_row(sae, acts_src[site], target, rotation, gaussian_seed=gaussian_seed)})
+    return rows, rotations
+
+
+def power_table(acts_src: Mapping[str, torch.Tensor], draws: int) -> pd.DataFrame:
+    """The power curve of every rotation statistic at each internal site, on the source's activations."""
+    internal = [site for site in acts_src if site not in EMBEDDING_SITES] or list(acts_src)
+    references = nulls.References(n_haar=N_HAAR, seed=HAAR_SEED)
+    return pd.concat([nulls.power_curve(acts_src[site], draws=draws, seed=PLANTED_SEED, references=references)
+                      .assign(site=site) for site in internal], ignore_index=True)
+
+
+def power_metrics(table: pd.DataFrame) -> dict[str, float]:
+    out = {}
+    for site, rows in table.groupby("site", sort=False):
+        out.update({f"power.{site}.{key}": value for key, value in nulls.detection(rows).items()})
+        out.update({f"power.{site}.haar_rate.{k}": v for k, v in nulls.null_size(rows).items()})
+        haar = rows[rows["kind"] == "haar"]
+        out.update({f"power.{site}.uniformity_p.{k}": v for k, v in zip(haar["statistic"], haar["uniformity_p"])})
+    return out
 
 
 def _null_saes(model: DyckTransformer, sources: Mapping[str, SparseAutoencoder], steps: int | None) -> dict:
@@ -233,12 +350,17 @@ def separation(table: pd.DataFrame) -> pd.DataFrame:
             continue
         rows.append({"quantity": quantity, "trained_min": trained.min(), "trained_max": trained.max(),
                      "untrained_min": untrained.min(), "untrained_max": untrained.max(),
-                     "separates": bool(trained.min() > untrained.max() or trained.max() < untrained.min())})
+                     "separates": bool(trained.min() > untrained.max() or trained.max() < untrained.min()),
+                     "direction": ("trained above" if trained.min() > untrained.max() else
+                                   "trained below" if trained.max() < untrained.min() else "overlap")})
     return pd.DataFrame(rows)
 
 
+DIRECTION_SIGN = {"trained above": 1.0, "trained below": -1.0, "overlap": 0.0}
+
+
 def _log_results(run, table: pd.DataFrame, rotations: dict[str, list[Rotation]], d_model: int, *, null: bool,
-                 checkpoints: bool) -> None:
+                 checkpoints: bool, acts_src: Mapping[str, torch.Tensor], power_draws: int) -> None:
     """audit.csv, its metrics, the pooled statistics, summary.csv (with a null pair) and the figures."""
     table.to_csv(run.path("audit.csv"), index=False)
     run.log_artifact("audit.csv")
@@ -255,6 +377,14 @@ def _log_results(run, table: pd.DataFrame, rotations: dict[str, list[Rotation]],
         summary.to_csv(run.path("summary.csv"), index=False)
         run.log_artifact("summary.csv")
         run.log_metrics({f"separates.{q}": float(s) for q, s in zip(summary["quantity"], summary["separates"])})
+        run.log_metrics({f"separates_direction.{q}": DIRECTION_SIGN[s]
+                         for q, s in zip(summary["quantity"], summary["direction"])})
+    if power_draws:
+        power = power_table(acts_src, power_draws)
+        power.to_csv(run.path("power.csv"), index=False)
+        run.log_artifact("power.csv")
+        run.log_metrics(power_metrics(power))
+        run.log_figure("fig_power.png", power_figure(power))
 
     run.log_figure("fig1_ev_by_site.png", ev_by_site(table[table["kind"] == TRAINED]))
     if checkpoints:
@@ -263,6 +393,11 @@ def _log_results(run, table: pd.DataFrame, rotations: dict[str, list[Rotation]],
     ks = {"statistic": statistics[TRAINED]["ks_statistic"], "pvalue": statistics[TRAINED]["ks_pvalue"]}
     run.log_figure("fig2_eigen_angles.png", eigen_angle_histogram(
         angles[TRAINED], haar_angles(d_model, N_HAAR, HAAR_SEED), ks, angles.get(UNTRAINED)))
+    run.log_figure("fig2_determined_angles.png", determined_angle_histogram(
+        {kind: [np.asarray(r.metadata["det_angles"]) for r in found] for kind, found in pooled.items()},
+        haar_seed=HAAR_SEED, n_haar=N_HAAR))
+    run.log_figure("fig_which_map.png", which_map_chart(table[table["kind"] == TRAINED]))
+
 
 
 def decoder_pairs(saes: Mapping[str, Mapping[str, SparseAutoencoder]]) -> pd.DataFrame:
@@ -318,14 +453,20 @@ def _run_hf(params: dict) -> str:
         for rid, (_, acts_tgt) in targets.items():
             for site, (sae_run, sae) in saes.items():
                 target_sae_run, target_sae = target_saes.get((rid, site), (None, None))
-                rotation = fit_rotation(acts_src[site], acts_tgt[site], metadata={"site": site})
+                rotation = fit(acts_src[site], acts_tgt[site], site)
                 rotations[TRAINED].append(rotation)
                 rows.append({"site": site, "kind": TRAINED, "target": labels[rid], "source_run": source,
                              "target_run": rid, "source_seed": info["label"], "target_seed": targets[rid][0],
                              "sae_run": sae_run, "target_sae_run": target_sae_run,
                              **transfer_row(sae, acts_src[site], acts_tgt[site], rotation,
                                             gaussian_seed=params["gaussian_seed"], target_sae=target_sae)})
-        _log_results(run, pd.DataFrame(rows), rotations, info["d_model"], null=False, checkpoints=False)
+        if params["planted_nulls"]:
+            found, planted = planted_rows({site: sae for site, (_, sae) in saes.items()}, acts_src, info["label"],
+                                          gaussian_seed=params["gaussian_seed"])
+            rows += found
+            rotations.update(planted)
+        _log_results(run, pd.DataFrame(rows), rotations, info["d_model"], null=False, checkpoints=False,
+                     acts_src={site: acts_src[site] for site in saes}, power_draws=params["power_draws"])
         if target_saes:
             by_site = {site: {info["label"]: sae, **{labels[rid]: target_saes[rid, site][1] for rid in targets
                                                        if (rid, site) in target_saes}}
@@ -383,7 +524,7 @@ def run(params: dict) -> str:
             for site in sites:
                 sae_run, sae = saes[site]
                 target_sae_run, target_sae = target_saes.get((rid, site), (None, None))
-                rotation = fit_rotation(acts_src[site], acts_tgt[site], metadata={"site": site})
+                rotation = fit(acts_src[site], acts_tgt[site], site)
                 rotations[TRAINED].append(rotation)
                 rows.append({"site": site, "kind": TRAINED, "target": label, "source_run": source,
                              "target_run": rid, "target_checkpoint": target_checkpoint or FINAL,
@@ -397,12 +538,18 @@ def run(params: dict) -> str:
                                    params["null_sae_steps"])
             null_src, null_tgt = extract(null_source, batch, sites), extract(null_target, batch, sites)
             for site in sites:
-                rotation = fit_rotation(null_src[site], null_tgt[site], metadata={"site": site})
+                rotation = fit(null_src[site], null_tgt[site], site)
                 rotations[UNTRAINED].append(rotation)
                 rows.append({"site": site, "kind": UNTRAINED, "target": UNTRAINED, "source_seed": str(null_seeds[0]),
                              "target_seed": str(null_seeds[1]),
                              **transfer_row(null_saes[site], null_src[site], null_tgt[site], rotation,
                                             gaussian_seed=params["gaussian_seed"])})
+        if params["planted_nulls"]:
+            found, planted = planted_rows({site: sae for site, (_, sae) in saes.items()}, acts_src, source_seed,
+                                          gaussian_seed=params["gaussian_seed"])
+            rows += found
+            rotations.update(planted)
         _log_results(run, pd.DataFrame(rows), rotations, source_model.cfg.d_model, null=bool(null_seeds),
+                     acts_src=acts_src, power_draws=params["power_draws"],
                      checkpoints=bool(checkpoints))
         return run.run_id

@@ -157,6 +157,28 @@ AUDIT = Stage(
         CHECKPOINT,
         Option("target_checkpoints", str, None, "comma-separated checkpoints of the targets to audit (final: the "
                "final weights), each against the source; default: --checkpoint"),
+        Option("planted_nulls", bool, True, "also audit the source against itself: bf16-rounded, under a known Haar "
+               "rotation and under a known small-angle one"),
+        Option("power_draws", int, 0, "draws per departure of the rotation statistics' power curve on the source's "
+               "activations at each internal site (0: none)", check=non_negative),
+        THREADS,
+    ),
+    code_version="2",
+)
+
+
+CONNECTIVITY = Stage(
+    "connectivity", "Linear mode connectivity between seeds: loss along the straight line, unaligned and aligned.",
+    (
+        Option("reference", str, REQUIRED, "train_seed run ID of seed A: the others are aligned to it"),
+        Option("models", str, REQUIRED, "comma-separated train_seed run IDs of the seeds B"),
+        Option("points", int, 11, "evaluation points along each path, ends included (at least 11)", check=positive),
+        Option("eval_sequences", int, 512, "held-out sequences per split the path is evaluated on", check=positive),
+        Option("eval_seed", int, 777, "seed of the held-out sequences"),
+        Option("starts", int, 16, "head-permutation starts of the symmetry search", check=positive),
+        Option("outer_iters", int, 6, "coordinate-descent iterations per start", check=positive),
+        Option("cayley_iters", int, 400, "Cayley refinement steps of the residual rotation", check=non_negative),
+        CHECKPOINT,
         THREADS,
     ),
     code_version="1",
@@ -295,6 +317,6 @@ REPRODUCE = Stage(
 )
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    TRAIN_SEED, ACTIVATIONS, TRAIN_SAE, FIT_ROTATION, AUDIT, STEERING, BARS, LENSES, TRAIN_NEOX, HF_ACTIVATIONS,
-    HF_ATTRIBUTION, REPRODUCE,
+    TRAIN_SEED, ACTIVATIONS, TRAIN_SAE, FIT_ROTATION, AUDIT, STEERING, BARS, CONNECTIVITY, LENSES, TRAIN_NEOX,
+    HF_ACTIVATIONS, HF_ATTRIBUTION, REPRODUCE,
 )}
