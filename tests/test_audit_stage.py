@@ -84,8 +84,8 @@ def test_determinacy_maps_and_planted_nulls(audited):
     assert mid["map_identity_ev"] < mid["map_orthogonal_ev"]
     assert mid["map_orthogonal_sae_ev"] == pytest.approx(mid["sae_self_ev"], abs=0.05)
     assert mid["cka"] == pytest.approx(1.0, abs=1e-9)  # CKA is blind to rotations
-    same = table.loc[("same_model", "resid_mid_1")]
-    assert same["det_frob_ratio"] < 0.05 and same["target"] == "same_model"
+    same = table.loc[("planted_same_model", "resid_mid_1")]
+    assert same["det_frob_ratio"] < 0.05 and same["target"] == "planted_same_model"
     assert table.loc[("planted_angle", "resid_mid_1"), "det_frob_ratio"] < 0.5
     assert table.loc[("planted_haar", "resid_mid_1"), "det_frob_ratio"] > 0.7
     # Two SAEs of different seeds: each moved some way from its own start, and they did not share one.

@@ -97,7 +97,7 @@ def test_a_value_inside_the_null_range_has_no_power_never_pass():
     assert evaluate(claim(**haar), NULLED).status == PASS
     v = evaluate(claim(**haar, null="*.untrained.frob_ratio"), NULLED)
     assert v.status == NO_POWER and v.null_spread == (0.96, 0.98) and v.null_n == 2
-    assert v.null_shown == "0.96 … 0.98 (n=2)"
+    assert v.null_shown == "0.96 … 0.98 (n=2)" and v.reason == "the null's 0.96 … 0.98 overlaps the measured 0.97 … 0.99"
     # Apart from the null's range the claim passes, and outside the paper's interval it fails.
     apart = {"audit": {**NULLED["audit"], "resid_mid_0.untrained.frob_ratio": 0.5, "resid_mid_1.untrained.frob_ratio": 0.6}}
     assert evaluate(claim(**haar, null="*.untrained.frob_ratio"), apart).status == PASS

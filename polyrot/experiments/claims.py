@@ -17,9 +17,10 @@ that experiment's nodes:
       expect: {below: 0}                   below / above / between [lo, hi] / near + tol
       tol: 0                               added to the bounds (absolute)
       required: true                       a failing required claim makes `verify` exit 1
-      null: ["*.untrained.frob_ratio"]     optional: the same quantity on a null control (globs
-                                           on the same node); values inside its range: NO POWER
-      attribution:                         optional: why a claim that does not pass, from a metric
+      "null": ["*.untrained.frob_ratio"]   optional: the same quantity on a null control (globs
+                                           on the same node); values inside its range: NO POWER.
+                                           Quoted: a bare null: key is YAML's null
+      attribution:                         optional: why a claim that fails, from a metric
         metric: "resid_post_1.s*.identity_ev"      (globs, node as the claim's unless given)
         text: "pinned by the shared unembedding: identity EV {value:.2f}"
         reduce: mean                       over the matched values (default mean)
@@ -34,6 +35,7 @@ Verdicts (VERDICTS, defined here only):
   FAIL          it lies outside the paper's interval
   NO POWER      it lies inside the interval, but the null's values overlap the measured ones: the
                 statistic cannot tell the trained models from the control, so nothing was shown
+                (its reason says so, with both ranges)
   NOT MEASURED  no metric matched (the node did not run, or logs other names)
 Only PASS counts as verified: a required claim with any other verdict makes `verify` exit 1.
 """
@@ -133,7 +135,7 @@ class Verdict:
     values: dict[str, float] = field(default_factory=dict)
     null_spread: tuple[float, float] | None = None  # min and max over the null's values
     null_n: int = 0
-    reason: str = ""  # the attribution, for a verdict other than PASS
+    reason: str = ""  # why: the overlap for NO POWER, the claim's attribution for FAIL
 
     @property
     def shown(self) -> str:
@@ -188,7 +190,10 @@ def parse_claim(entry: Mapping, where: str) -> Claim:
     if not isinstance(entry, Mapping):
         raise ClaimError(f"{where}: a claim is a mapping with id, node, metrics and expect")
     entry = {k: v for k, v in entry.items() if k != "__line__"}
-    unknown = sorted(set(entry) - _KEYS)
+    if None in entry:
+        raise ClaimError(f"{where}: claim {entry.get('id', '?')!r}: a bare null: key reads as YAML's null; "
+                         'write "null": in quotes')
+    unknown = sorted(set(entry) - _KEYS, key=str)
     if unknown:
         raise ClaimError(f"{where}: claim has no field {unknown[0]!r}; fields: {', '.join(sorted(_KEYS))}")
     for key in ("id", "node", "metrics", "expect", "paper"):
@@ -256,7 +261,9 @@ def evaluate(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> Verdic
         lo, hi = verdict.null_spread
         if verdict.status == PASS and verdict.spread[0] <= hi and verdict.spread[1] >= lo:
             verdict.status = NO_POWER  # the trained values do not leave the null's range
-    if verdict.status in (FAIL, NO_POWER):
+            verdict.reason = (f"the null's {_fmt(lo)} … {_fmt(hi)} overlaps the measured "
+                              f"{_fmt(verdict.spread[0])} … {_fmt(verdict.spread[1])}")
+    if verdict.status == FAIL:
         verdict.reason = _reason(claim, metrics)
     return verdict
 

@@ -43,7 +43,7 @@ activations on task.SAE_SPEC, with the source SAE's config at each site (--null-
 overrides its steps); there is no SAE of the untrained target, so no decoder cosine.
 
 Planted nulls (--planted-nulls, on by default): the source's own activations as the target, rows
-with kind and target named for the null (polyrot.core.nulls): same_model (rounded to bfloat16: R
+with kind and target named for the null (polyrot.core.nulls): planted_same_model (bf16-rounded: R
 should be ~I on the determined part), planted_haar (turned by a known Haar rotation: the statistics
 should call it Haar) and planted_angle (turned by a rotation with every eigen-angle at most
 NULL_ANGLE: they should not). With --power-draws N, at each internal site the power curve of every
@@ -155,7 +155,8 @@ N_HAAR, HAAR_SEED = 10, 31
 FINAL = "final"
 DECODER_KEYS = ("max_mean", "max_frac_above", "hungarian_mean", "hungarian_frac_above")
 # The planted nulls (module doc): their kind is also their target label.
-SAME_MODEL, PLANTED_HAAR, PLANTED_ANGLE = "same_model", "planted_haar", "planted_angle"
+# Named planted_*: a target label starting with "s" would match the claims' s* (trained seed) globs.
+SAME_MODEL, PLANTED_HAAR, PLANTED_ANGLE = "planted_same_model", "planted_haar", "planted_angle"
 PLANTED = (SAME_MODEL, PLANTED_HAAR, PLANTED_ANGLE)
 NULL_ANGLE = 0.5       # radians: the largest eigen-angle of planted_angle's rotation
 PLANTED_SEED = 2024    # seed of the planted rotations
