@@ -39,3 +39,11 @@ class ArtifactCorruptError(LineageError):
 
 class HubResolutionError(PolyrotError, LookupError):
     """A Hugging Face model, revision or corpus that cannot be resolved here (offline, or absent)."""
+
+
+class TrackingServerError(PolyrotError):
+    """A team tracking server that cannot be reached, refuses the credentials, or cannot be run."""
+
+
+class SlurmError(PolyrotError):
+    """Slurm cannot be reached, or refuses what an experiment asks of it (an unknown partition, ...)."""

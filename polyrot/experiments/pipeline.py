@@ -35,6 +35,7 @@ import yaml
 
 from polyrot.errors import PolyrotError
 from polyrot.experiments.claims import Claim, ClaimError, parse_claim
+from polyrot.experiments.resources import Resources, parse_resources
 from polyrot.stages import STAGES
 from polyrot.stages.base import Stage
 
@@ -68,6 +69,8 @@ class Experiment:
     path: Path | None = None
     claims: list[Claim] = field(default_factory=list)
     mlflow_experiment: str = ""  # default: the definition's name
+    # What each stage's batch job asks for (the `resources` section, this profile): {stage or "default": ...}
+    resources: dict[str, Resources] = field(default_factory=lambda: parse_resources(None, "", set(), ""))
 
     def upstream(self, node: Node) -> list[str]:
         """Ids of the nodes `node` reads from."""
@@ -172,6 +175,10 @@ def load_experiment(name: str, profile: str = "cpu") -> Experiment:
                           for k, v in node.params.items()})
     exp.order()
     _load_claims(exp, doc.get("claims") or [], where)
+    try:
+        exp.resources = parse_resources(doc.get("resources"), profile, set(STAGES), where)
+    except PolyrotError as exc:
+        raise ExperimentError(str(exc)) from None
     return exp
 
 
@@ -210,6 +217,8 @@ def command(node: Node, params: dict[str, str], experiment: str, parent_run: str
     args = [sys.executable, "-m", "polyrot", node.stage.cli_name]
     options = {o.name: o for o in node.stage.all_options}
     for name, value in {**params, "experiment": experiment, "parent_run": parent_run}.items():
+        if value is None:  # no parent run: a graph submitted without waiting (reproduce --no-wait)
+            continue
         args += [str(value)] if options[name].positional else [options[name].flag, str(value)]
     return args
 
@@ -238,6 +247,34 @@ class Outcome:
     run_ids: dict[str, str]
     reused: list[str]
     ran: list[str]
+    pending: list[str] = field(default_factory=list)  # batch job IDs still queued or running (not waited for)
+
+
+def stage_env() -> dict[str, str]:
+    """The environment a node's command runs in: this process's stores, no run to adopt by accident."""
+    from polyrot import tracking
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    env.update(MLFLOW_TRACKING_URI=tracking.tracking_uri(), MLFLOW_REGISTRY_URI=tracking.registry_uri())
+    return env
+
+
+def plan(exp: Experiment, node: Node, run_ids: dict[str, str], *, experiment: str, parent_run: str | None,
+         threads: int) -> tuple[list[str], str]:
+    """The node's command line and reuse key, its upstream run IDs filled in from `run_ids`."""
+    from polyrot import tracking
+
+    params = resolve(exp, node, run_ids)
+    if "threads" in {o.name for o in node.stage.all_options} and "threads" not in params:
+        params["threads"] = str(threads)
+    parsed = node.stage.parse({**params, "experiment": experiment})
+    key = tracking.reuse_key(node.stage.name, node.stage.code_version, parsed)
+    return command(node, params, experiment, parent_run), key
+
+
+def progress(count: int, total: int, node: Node, text: str) -> str:
+    """One progress line of a reproduction, the same for every executor."""
+    return f"[{count:>3}/{total}] {node.id:<24} {node.stage.name:<14} {text}"
 
 
 def execute(exp: Experiment, *, experiment: str, parent_run: str, jobs: int = 1,
@@ -249,18 +286,9 @@ def execute(exp: Experiment, *, experiment: str, parent_run: str, jobs: int = 1,
     run_ids: dict[str, str] = {}
     reused: list[str] = []
     ran: list[str] = []
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
-    env.update(MLFLOW_TRACKING_URI=tracking.tracking_uri(), MLFLOW_REGISTRY_URI=tracking.registry_uri())
+    env = stage_env()
     threads = max(1, (os.cpu_count() or 1) // jobs)
     total, started = len(order), time.perf_counter()
-
-    def prepare(node: Node) -> tuple[list[str], str]:
-        params = resolve(exp, node, run_ids)
-        if "threads" in {o.name for o in node.stage.all_options} and "threads" not in params:
-            params["threads"] = str(threads)
-        parsed = node.stage.parse({**params, "experiment": experiment})
-        key = tracking.reuse_key(node.stage.name, node.stage.code_version, parsed)
-        return command(node, params, experiment, parent_run), key
 
     pending = list(order)
     running: dict[Future, str] = {}
@@ -274,16 +302,15 @@ def execute(exp: Experiment, *, experiment: str, parent_run: str, jobs: int = 1,
                 if not all(d in run_ids for d in exp.upstream(node)):
                     continue
                 pending.remove(node_id)
-                cmd, key = prepare(node)
+                cmd, key = plan(exp, node, run_ids, experiment=experiment, parent_run=parent_run, threads=threads)
                 found = tracking.find_finished_run(experiment, key)
                 done = len(run_ids) + 1
                 if found:
                     run_ids[node_id] = found
                     reused.append(node_id)
-                    echo(f"[{done:>3}/{total}] {node_id:<24} {node.stage.name:<14} reused {found}")
+                    echo(progress(done, total, node, f"reused {found}"))
                     continue
-                echo(f"[{len(run_ids) + len(running) + 1:>3}/{total}] {node_id:<24} {node.stage.name:<14} "
-                     f"running: {' '.join(cmd[2:])}")
+                echo(progress(len(run_ids) + len(running) + 1, total, node, f"running: {' '.join(cmd[2:])}"))
                 running[pool.submit(executor, cmd, env)] = node_id
             if not running:
                 continue
@@ -294,8 +321,8 @@ def execute(exp: Experiment, *, experiment: str, parent_run: str, jobs: int = 1,
                     run_ids[node_id] = fut.result()
                     ran.append(node_id)
                     elapsed = time.perf_counter() - started
-                    echo(f"[{len(run_ids):>3}/{total}] {node_id:<24} {exp.nodes[node_id].stage.name:<14} "
-                         f"finished {run_ids[node_id]} ({elapsed / 60:.1f} min so far)")
+                    echo(progress(len(run_ids), total, exp.nodes[node_id],
+                                  f"finished {run_ids[node_id]} ({elapsed / 60:.1f} min so far)"))
                 except Exception as exc:  # noqa: BLE001 — reported with the node's name below
                     failure = f"node {node_id} failed: {exc}"
     if failure:
