@@ -17,9 +17,12 @@ def test_reproduce_records_verdicts_and_the_report_on_its_parent(smoke_reproduct
     report = tracking.artifact_dir(smoke_reproduction) / run.data.tags["polyrot.report"]
     text = report.read_text()
     assert "| rotation-operator-norm: R is orthogonal" in text and "![fig1_ev_by_site.png](fig1_ev_by_site.png)" in text
-    for figure in ("fig1_ev_by_site.png", "fig2_rotation_vs_haar.png"):
+    for figure in ("fig1_ev_by_site.png", "fig2_eigen_angles.png"):
         assert (report.parent / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"`{run.data.tags['polyrot.node.audit']}`" in text
+    # The smoke audit logs a power curve beside its maps: both charts are in the report.
+    for figure in ("fig_which_map.png", "fig_power.png"):
+        assert (report.parent / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({figure})" in text
 
 
 def test_verify_prints_the_table_and_passes(smoke_reproduction):

@@ -8,6 +8,9 @@ Figures, from whatever the experiment ran:
   fig3_ig_vs_ap.png             effects.csv of each bars node (IG and AP against mean ablation)
   fig4_steering.png             steering.csv of each steering node
   fig_cross_checkpoint.png      audits over several checkpoints of one run
+  fig_which_map.png             audit.csv: held-out EV of each map per site (which map suffices)
+  fig_power.png                 power.csv of audits run with --power-draws (power curves)
+  fig_connectivity.png          connectivity.csv of each connectivity node (mode connectivity)
 (one file per node where an experiment has several nodes of a kind: <figure>-<node>.png)
 """
 
@@ -28,6 +31,7 @@ from polyrot.experiments.claims import Verdict, render_markdown
 from polyrot.experiments.verify import node_runs
 from polyrot.figures.audit import checkpoint_curve, eigen_angle_histogram, ev_by_site
 from polyrot.figures.bars import ig_vs_ap
+from polyrot.figures.nulls import connectivity_curves, power_figure, which_map_chart
 from polyrot.figures.steering import effect_vs_alpha
 
 # Low-rank embeddings leave R arbitrary off their span: figure 2 pools the other sites, as the audit does.
@@ -69,6 +73,10 @@ def build_figures(exp: pipeline.Experiment, parent: Run) -> dict[str, object]:
         else:
             out[name("fig1_ev_by_site", node, "audit")] = ev_by_site(
                 trained, title=f"Source SAE explained variance by site ({node})")
+        if "map_orthogonal_ev" in trained:
+            out[name("fig_which_map", node, "audit")] = which_map_chart(trained)
+        if tracking.TAG_DIGEST + "power.csv" in runs[node].data.tags:
+            out[name("fig_power", node, "audit")] = power_figure(_csv(runs[node].info.run_id, "audit", "power.csv"))
     rotations = [r for node in by_stage.get("fit_rotation", []) for r in _rotations(runs[node])]
     if rotations:
         stats = pooled_statistics(rotations, haar_seed=HAAR_SEED, n_haar=N_HAAR)
@@ -79,6 +87,9 @@ def build_figures(exp: pipeline.Experiment, parent: Run) -> dict[str, object]:
     for node in by_stage.get("bars", []):
         effects = _csv(runs[node].info.run_id, "bars", "effects.csv")
         out[name("fig3_ig_vs_ap", node, "bars")] = ig_vs_ap(effects)
+    for node in by_stage.get("connectivity", []):
+        out[name("fig_connectivity", node, "connectivity")] = connectivity_curves(
+            _csv(runs[node].info.run_id, "connectivity", "connectivity.csv"))
     for node in by_stage.get("steering", []):
         table = _csv(runs[node].info.run_id, "steering", "steering.csv")
         out[name("fig4_steering", node, "steering")] = effect_vs_alpha(

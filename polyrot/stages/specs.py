@@ -48,6 +48,13 @@ HF_MODEL_OPTIONS = (
     Option("split", str, "train", "split of a hub corpus"),
     Option("text_field", str, "text", "field holding a hub corpus' text"),
 )
+# The symmetry search of polyrot.toy.symmetry.align (the paper's 16 starts x 6 iterations, then 400
+# Cayley steps), for every stage that aligns one seed to another.
+ALIGNMENT_OPTIONS = (
+    Option("starts", int, 16, "head-permutation starts of the symmetry search", check=positive),
+    Option("outer_iters", int, 6, "coordinate-descent iterations per start", check=positive),
+    Option("cayley_iters", int, 400, "Cayley refinement steps of the residual rotation", check=non_negative),
+)
 HF_RUNTIME_OPTIONS = (
     Option("device", str, "auto", "torch device; auto: CUDA when present"),
     Option("dtype", str, "float32", "dtype the model runs in", choices=DTYPES),
@@ -175,9 +182,7 @@ CONNECTIVITY = Stage(
         Option("points", int, 11, "evaluation points along each path, ends included (at least 11)", check=positive),
         Option("eval_sequences", int, 512, "held-out sequences per split the path is evaluated on", check=positive),
         Option("eval_seed", int, 777, "seed of the held-out sequences"),
-        Option("starts", int, 16, "head-permutation starts of the symmetry search", check=positive),
-        Option("outer_iters", int, 6, "coordinate-descent iterations per start", check=positive),
-        Option("cayley_iters", int, 400, "Cayley refinement steps of the residual rotation", check=non_negative),
+        *ALIGNMENT_OPTIONS,
         CHECKPOINT,
         THREADS,
     ),
@@ -220,9 +225,7 @@ BARS = Stage(
                check=positive),
         Option("means_sequences", int, None, "sequences of each component-means batch; default the paper's "
                "4096 (C), 2048 (Pr), 1024 (cross)", check=positive),
-        Option("starts", int, 16, "head-permutation starts of the symmetry search", check=positive),
-        Option("outer_iters", int, 6, "coordinate-descent iterations per start", check=positive),
-        Option("cayley_iters", int, 400, "Cayley refinement steps of the residual rotation", check=non_negative),
+        *ALIGNMENT_OPTIONS,
         Option("lambdas", str, None, "comma-separated joint-loss weights to sweep (paper: 0,0.1,1,10,100)"),
         Option("decoy", bool, False, "also score the reference's decoy (depth unembedding rows averaged in pairs)"),
         CHECKPOINT,
