@@ -30,7 +30,7 @@ import scipy.linalg
 import scipy.optimize
 import torch
 
-from polyrot.core.rotation import split_halves
+from polyrot.core.rotation import one_blas_thread, split_halves
 
 MAPS = ("identity", "signed_permutation", "orthogonal", "orthogonal_scale", "linear", "affine")
 
@@ -116,6 +116,7 @@ def linear_cka(X, Y) -> float:
 
 
 
+@one_blas_thread
 def held_out_maps(acts_src, acts_tgt, *, seed: int = 0) -> tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]:
     """Every map fitted on one random half of the rows and applied to the other (split_halves):
     ({kind: EV on the held-out half}, {kind: the held-out target rows mapped}, the held-out source rows)."""

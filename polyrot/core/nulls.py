@@ -44,6 +44,7 @@ from polyrot.core.rotation import (
     eigen_angles,
     fit_rotation,
     frobenius_from_identity,
+    one_blas_thread,
     haar_angles,
     ks_vs_haar,
     partial_haar_rotation,
@@ -133,6 +134,7 @@ def _trial(source: np.ndarray, target: np.ndarray, references: References, fract
     return pvalues(R, determined_part(source, target, fraction), references)
 
 
+@one_blas_thread
 def power_curve(acts, *, angles: Sequence[float] = ANGLES, fixed: Sequence[float] = FIXED, draws: int = 20,
                 seed: int = 0,
                 references: References | None = None, fraction: float = 0.99, rounded: bool = True) -> pd.DataFrame:

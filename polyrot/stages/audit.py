@@ -109,6 +109,7 @@ from polyrot.core.rotation import (
     fit_rotation,
     haar_angles,
     haar_rotation,
+    one_blas_thread,
     pooled_statistics,
     restrict,
     rotation_statistics,
@@ -235,6 +236,7 @@ def gaussian_like(acts: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+@one_blas_thread
 def transfer_row(sae: SparseAutoencoder, acts_src: torch.Tensor, acts_tgt: torch.Tensor, rotation: Rotation, *,
                  gaussian_seed: int, target_sae: SparseAutoencoder | None = None) -> dict:
     """Every per-(site, target) number of the audit except the row's labels (see the module doc)."""
@@ -273,6 +275,7 @@ def which_map(sae: SparseAutoencoder, acts_src: torch.Tensor, acts_tgt: torch.Te
     return row
 
 
+@one_blas_thread
 def fit(acts_src: torch.Tensor, acts_tgt: torch.Tensor, site: str) -> Rotation:
     """The audit's rotation of one pair and site; its metadata carries the site and the eigen-angles
     of its determined part (det_angles, for figure 2's determined panel)."""
