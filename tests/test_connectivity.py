@@ -86,7 +86,7 @@ def test_connectivity_stage_logs_curves_barriers_and_refuses_bad_input(seed_run)
     assert set(table["path"]) == {UNALIGNED, PERMUTED, ALIGNED} and set(table["model"]) == {"s1"}
     assert len(table) == 3 * 11
     for path in (UNALIGNED, PERMUTED, ALIGNED):
-        assert run.data.metrics[f"s1.{path}.barrier"] == pytest.approx(barrier(table[table["path"] == path]))
+        assert run.data.metrics[f"s1.barrier.{path}"] == pytest.approx(barrier(table[table["path"] == path]))
     assert (tracking.artifact_dir(run_id) / "fig_connectivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     one_line_error(cli("connectivity", "--reference", seed_run, "--models", other, "--points", "5"),
                    "--points must be at least 11")

@@ -10,9 +10,10 @@ with --starts, --outer-iters, --cayley-iters).
 Artifacts:
   connectivity.csv     one row per model x path x t: loss, acc_min
   fig_connectivity.png the curves
-Metrics (<m> = s<seed>): <m>.<path>.barrier (highest loss on the path minus the mean of its ends),
-  <m>.<path>.max_loss, <m>.<path>.min_acc (lowest min accuracy on the path), <m>.end_loss,
-  <m>.alignment.max_mse (Bar P of the alignment used).
+Metrics (<m> = s<seed>; the path last, so that claims pair paths with compare_to):
+  <m>.barrier.<path> (highest loss on the path minus the mean of its ends), <m>.max_loss.<path>,
+  <m>.min_acc.<path> (lowest min accuracy on the path), <m>.end_loss, <m>.alignment.max_mse (Bar P of
+  the alignment used).
 """
 
 from __future__ import annotations
@@ -70,9 +71,9 @@ def run(params: dict) -> str:
             metrics[f"{label}.alignment.max_mse"] = alignment.max_mse
             metrics[f"{label}.end_loss"] = float(table.loc[table["t"] == 1.0, "loss"].iloc[0])
             for path, rows in table.groupby("path", sort=False):
-                metrics[f"{label}.{path}.barrier"] = connectivity.barrier(rows)
-                metrics[f"{label}.{path}.max_loss"] = float(rows["loss"].max())
-                metrics[f"{label}.{path}.min_acc"] = float(rows["acc_min"].min())
+                metrics[f"{label}.barrier.{path}"] = connectivity.barrier(rows)
+                metrics[f"{label}.max_loss.{path}"] = float(rows["loss"].max())
+                metrics[f"{label}.min_acc.{path}"] = float(rows["acc_min"].min())
         found = pd.concat(tables, ignore_index=True)
         found.to_csv(run.path("connectivity.csv"), index=False)
         run.log_artifact("connectivity.csv")

@@ -186,7 +186,7 @@ CONNECTIVITY = Stage(
         CHECKPOINT,
         THREADS,
     ),
-    code_version="1",
+    code_version="2",
 )
 
 
