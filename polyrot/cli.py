@@ -52,7 +52,7 @@ def _stage_command(stage):
     params = [
         click.Argument([opt.name], required=False) if opt.positional else
         click.Option([opt.flag], type=str, default=None, help=describe(opt),
-                     metavar="RUN_ID" if opt.name.endswith(("_from", "_run", "resume")) else opt.type.__name__.upper())
+                     metavar="RUN_ID" if opt.run_ids else opt.type.__name__.upper())
         for opt in stage.all_options
     ]
     return click.Command(stage.cli_name, callback=callback, params=params, help=stage.help)
@@ -102,15 +102,11 @@ def mlproject_command(check: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="interface to listen on")
 @click.option("--port", default=5000, show_default=True, help="port to listen on")
 def ui_command(host: str, port: int) -> None:
-    """Serve the MLflow UI on polyrot's tracking and registry stores."""
-    import subprocess
-
+    """Serve the MLflow UI on polyrot's tracking and registry stores; once it answers, print its
+    URL and links to the latest reproduction. SIGTERM or Ctrl-C stops the server."""
     from polyrot.tracking import ui
 
-    cmd = ui.server_command(host, port)
-    click.echo(f"MLflow UI on http://{host}:{port}  (tracking {cmd[cmd.index('--backend-store-uri') + 1]}); "
-               "Ctrl-C stops it", err=True)
-    sys.exit(subprocess.call(cmd, env=ui.environment()))
+    sys.exit(ui.serve(host, port, echo=click.echo))
 
 
 _register_stages()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,31 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 TINY_TRAIN = dict(max_steps=40, eval_every=20, checkpoint_every=20, batch_size=32, eval_sequences=64,
                   confirm_sequences=64, threads=1)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tree_status() -> list[str] | None:
+    """The untracked and ignored entries of `git status --porcelain --ignored`, byte-code caches
+    aside (imports write them anywhere); None outside a git checkout. Tracked files are left out:
+    tests do not edit them, and in a checkout shared with people at work they change under a run."""
+    done = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--ignored"], capture_output=True,
+                          text=True)
+    if done.returncode:
+        return None
+    return sorted(line for line in done.stdout.splitlines() if line[:2] in ("??", "!!")
+                  and "__pycache__" not in line and ".pytest_cache" not in line)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clean_tree():
+    """The suite writes under temporary directories only: no file appears in the checkout, ignored
+    ones included (a stray mlruns/<id>/ or screenshot fails here)."""
+    before = tree_status()
+    yield
+    after = tree_status()
+    assert after == before, f"the suite changed the working tree: {sorted(set(after) ^ set(before))}"
 
 
 @pytest.fixture(scope="session", autouse=True)

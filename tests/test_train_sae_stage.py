@@ -127,7 +127,7 @@ def test_several_sites_are_child_runs_of_a_group(sae_run, seed_run):
     one_line_error(cli("export-sae", group, "unused"), "groups one train_sae run per site")
 
 
-def test_under_mlflow_run_the_entry_point_run_is_the_group(seed_run):
+def test_under_mlflow_run_the_entry_point_run_is_the_group(seed_run, store):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": tracking.tracking_uri(), "MLFLOW_REGISTRY_URI": tracking.registry_uri()}
     params = {"model_run": seed_run, "sites": "resid_mid_0,resid_mid_1", "steps": 10, "eval_every": 10,
@@ -135,7 +135,8 @@ def test_under_mlflow_run_the_entry_point_run_is_the_group(seed_run):
     cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(Path(__file__).resolve().parents[1]),
            "-e", "train_sae", "--env-manager", "local", "--experiment-name", "tests-sae-mlflow-run",
            *[x for k, v in params.items() for x in ("-P", f"{k}={v}")]]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    tracking.experiment_id("tests-sae-mlflow-run")  # made by polyrot, not with MLflow's ./mlruns default
+    done = subprocess.run(cmd, env=env, cwd=store, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     group = done.stdout.strip().splitlines()[-1]
     client = MlflowClient()

@@ -150,7 +150,8 @@ def test_mlflow_run_entry_point_matches_the_cli(store):
            "MLFLOW_TRACKING_URI": tracking.tracking_uri(), "MLFLOW_REGISTRY_URI": tracking.registry_uri()}
     cmd = [str(BIN / "mlflow"), "run", str(repo), "-e", "train_seed", "--env-manager", "local",
            "--experiment-name", "tests"] + [x for k, v in {**TINY_TRAIN, "seed": 2}.items() for x in ("-P", f"{k}={v}")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    tracking.experiment_id("tests")  # made by polyrot, not by `mlflow run` with MLflow's ./mlruns default
+    done = subprocess.run(cmd, env=env, cwd=store, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     client = MlflowClient()
     [run] = client.search_runs([tracking.experiment_id("tests")], "params.seed = '2'")

@@ -325,10 +325,14 @@ def render_markdown(verdicts: list[Verdict]) -> str:
     """The claims table in Markdown; "accepted" is the interval with the tolerance already added."""
     rows = ["| claim | § | paper | accepted | tolerance | measured | null | verdict |",
             "|---|---|---|---|---|---|---|---|"]
+    def cell(text: str) -> str:  # a '|' in a claim (||R - I||_F) would end the cell
+        return str(text).replace("|", "\\|")
+
     for v in verdicts:
         verdict = v.status if v.status in (PASS, MISSING) else f"**{v.status}**"
-        rows.append(f"| {v.claim.id}: {v.claim.claim} | {v.claim.section} | {v.claim.paper} | "
-                    f"{v.claim.expectation} | {v.claim.tol:.3g} | {v.shown} | {v.null_shown} | "
-                    f"{verdict}{'' if v.claim.required else ' (optional)'}{f': {v.reason}' if v.reason else ''} |")
+        cells = [f"{v.claim.id}: {v.claim.claim}", v.claim.section, v.claim.paper, v.claim.expectation,
+                 f"{v.claim.tol:.3g}", v.shown, v.null_shown,
+                 f"{verdict}{'' if v.claim.required else ' (optional)'}{f': {v.reason}' if v.reason else ''}"]
+        rows.append("| " + " | ".join(map(cell, cells)) + " |")
     return "\n".join(rows) + ("\n\nThe tolerance is absolute and widens the paper's bound or bounds; the "
                               "accepted interval includes it.")

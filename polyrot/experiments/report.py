@@ -3,8 +3,8 @@ regenerated from the node runs' data and logged on the parent run under report/.
 
 Figures, from whatever the experiment ran:
   fig1_ev_by_site.png           audit.csv of each audit node (SAE failure and recovery)
-  fig2_rotation_vs_haar.png     the eigen-angles of every fit_rotation node's rotations at internal
-                                sites, pooled, against Haar O(d)
+  fig2_eigen_angles.png         each audit node's own figure 2: the eigen-angles of its rotations at
+                                internal sites, pooled, against Haar O(d) and its untrained pair
   fig3_ig_vs_ap.png             effects.csv of each bars node (IG and AP against mean ablation)
   fig4_steering.png             steering.csv of each steering node
   fig_cross_checkpoint.png      audits over several checkpoints of one run
@@ -17,43 +17,59 @@ Figures, from whatever the experiment ran:
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from mlflow.entities import Run
 
 from polyrot import tracking
-from polyrot.core.rotation import Rotation, eigen_angles, haar_angles, pooled_statistics
 from polyrot.errors import LineageError
 from polyrot.experiments import pipeline
 from polyrot.experiments.claims import Verdict, render_markdown
 from polyrot.experiments.verify import node_runs
-from polyrot.figures.audit import checkpoint_curve, eigen_angle_histogram, ev_by_site
+from polyrot.figures.audit import checkpoint_curve, ev_by_site
 from polyrot.figures.bars import ig_vs_ap
 from polyrot.figures.nulls import connectivity_curves, power_figure, which_map_chart
 from polyrot.figures.steering import effect_vs_alpha
 
-# Low-rank embeddings leave R arbitrary off their span: figure 2 pools the other sites, as the audit does.
-from polyrot.stages.audit import EMBEDDING_SITES, HAAR_SEED, N_HAAR
-
 REPORT = "report/report.md"
+# What each figure shows and pools, printed under it (keyed by the file name's stem).
+CAPTIONS = {
+    "fig1_ev_by_site": "The source seed's SAE at each site on the source's own activations (self), on each target's "
+                       "as they are (raw), mapped into the source frame by the fitted rotation (rotated), and on "
+                       "Gaussian samples; bars are means over the targets named in the subtitle, whiskers their range.",
+    "fig2_eigen_angles": "Eigen-angles of the audit's rotations at its internal sites (the embedding site left out), "
+                         "every site and target pooled: each d x d rotation contributes d angles, so n angles = "
+                         "rotations x d; the untrained pair is the null control.",
+    "fig3_ig_vs_ap": "Per model and component: the IG and AP predictions against the measured mean-ablation effect.",
+    "fig4_steering": "Per vector, its effect against the dose alpha: lines are means over the target seeds, bands "
+                     "their range.",
+    "fig_cross_checkpoint": "Per site, ||R - I||_F and the source SAE's raw and rotated EV against each audited "
+                            "checkpoint of the run.",
+    "fig_which_map": "Per site, the held-out EV of each map from target to source activations (bars: mean over the "
+                     "targets, whiskers their range): which map the data asks for.",
+    "fig_power": "Power curves: the rate at which each statistic rejects Haar at p < 0.05 for planted rotations "
+                 "that depart from it, mean over sites with their range as a band.",
+    "fig_connectivity": "Loss and min accuracy along each interpolation path between seeds, one line per pair and "
+                        "path.",
+}
+
+
 TAG_REPORT = "polyrot.report"
+
+
+def caption(figure: str) -> str:
+    return next((text for stem, text in CAPTIONS.items() if figure.startswith(stem)), "")
 
 
 def _csv(run_id: str, stage: str, path: str) -> pd.DataFrame:
     return pd.read_csv(tracking.fetch_artifact(run_id, path, stage=stage))
 
 
-def _rotations(run: Run) -> list[Rotation]:
-    paths = sorted(k[len(tracking.TAG_DIGEST):] for k in run.data.tags
-                   if k.startswith(tracking.TAG_DIGEST + "rotations/"))
-    return [Rotation.load(tracking.fetch_artifact(run.info.run_id, p, stage="fit_rotation")) for p in paths
-            if Path(p).stem not in EMBEDDING_SITES]
-
-
 def build_figures(exp: pipeline.Experiment, parent: Run) -> dict[str, object]:
-    """{file name: matplotlib Figure} for every figure the reproduction has data for."""
+    """{file name: matplotlib Figure, or the Path of a node's own figure} for every figure the
+    reproduction has data for."""
     client = tracking.configure()
     runs = {node: client.get_run(rid) for node, rid in node_runs(parent).items()}
     by_stage: dict[str, list[str]] = {}
@@ -77,13 +93,9 @@ def build_figures(exp: pipeline.Experiment, parent: Run) -> dict[str, object]:
             out[name("fig_which_map", node, "audit")] = which_map_chart(trained)
         if tracking.TAG_DIGEST + "power.csv" in runs[node].data.tags:
             out[name("fig_power", node, "audit")] = power_figure(_csv(runs[node].info.run_id, "audit", "power.csv"))
-    rotations = [r for node in by_stage.get("fit_rotation", []) for r in _rotations(runs[node])]
-    if rotations:
-        stats = pooled_statistics(rotations, haar_seed=HAAR_SEED, n_haar=N_HAAR)
-        angles = np.concatenate([eigen_angles(r.R) for r in rotations])
-        out["fig2_rotation_vs_haar.png"] = eigen_angle_histogram(
-            angles, haar_angles(rotations[0].d, N_HAAR, HAAR_SEED),
-            {"statistic": stats["ks_statistic"], "pvalue": stats["ks_pvalue"]})
+        # The audit's figure 2 as it drew it: its rotations with its untrained control beside them.
+        out[name("fig2_eigen_angles", node, "audit")] = tracking.fetch_artifact(
+            runs[node].info.run_id, "fig2_eigen_angles.png", stage="audit")
     for node in by_stage.get("bars", []):
         effects = _csv(runs[node].info.run_id, "bars", "effects.csv")
         out[name("fig3_ig_vs_ap", node, "bars")] = ig_vs_ap(effects)
@@ -117,7 +129,8 @@ def render(exp: pipeline.Experiment, parent: Run, verdicts: list[Verdict], figur
         "## Figures",
         "",
     ]
-    lines += [f"![{n}]({n})\n" for n in figure_names] or ["No figure: no node of this experiment has plottable data.\n"]
+    lines += [f"![{n}]({n})\n\n{caption(n)}\n" for n in figure_names] \
+        or ["No figure: no node of this experiment has plottable data.\n"]
     lines += ["## Runs", "", "| node | stage | run |", "|---|---|---|"]
     lines += [f"| {node} | {exp.nodes[node].stage.name} | `{runs[node]}` |" for node in exp.order() if node in runs]
     return "\n".join(lines) + "\n"
@@ -132,7 +145,11 @@ def write_report(exp: pipeline.Experiment, parent: Run, verdicts: list[Verdict],
 
     def log(run: tracking.StageRun) -> None:
         for file, fig in built.items():
-            run.log_figure(f"report/{file}", fig)
+            if isinstance(fig, Path):
+                shutil.copyfile(fig, run.path(f"report/{file}"))
+                run.log_artifact(f"report/{file}")
+            else:
+                run.log_figure(f"report/{file}", fig)
         run.path(REPORT).write_text(text)
         run.log_artifact(REPORT)
         run.set_tags({TAG_REPORT: REPORT})

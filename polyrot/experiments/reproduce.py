@@ -20,9 +20,14 @@ STAGE = specs.REPRODUCE
 NAME = STAGE.name
 
 
+def default_experiment(params: dict) -> str:
+    """A reproduction's MLflow experiment when --experiment is not given: its definition's."""
+    return pipeline.load_experiment(params["name"], params["profile"]).mlflow_experiment
+
+
 def run(params: dict) -> str:
     exp = pipeline.load_experiment(params["name"], params["profile"])
-    experiment = params["experiment"] or exp.mlflow_experiment
+    experiment = params["experiment"]
     stale = tracking.fail_stale_runs(experiment)
     if stale:
         click.echo(f"marked {len(stale)} stale RUNNING run(s) of a dead process as FAILED", err=True)
@@ -31,7 +36,7 @@ def run(params: dict) -> str:
                             tags={verify.TAG_DEFINITION: exp.name}) as parent:
         outcome = pipeline.execute(exp, experiment=experiment, parent_run=parent.run_id, jobs=params["jobs"],
                                    echo=lambda line: click.echo(line, err=True))
-        parent.set_tags({f"polyrot.node.{node}": rid for node, rid in outcome.run_ids.items()})
+        parent.set_tags({f"{tracking.TAG_NODE}{node}": rid for node, rid in outcome.run_ids.items()})
         parent.log_metrics({"nodes": len(outcome.run_ids), "reused": len(outcome.reused), "ran": len(outcome.ran)})
         parent.log_json("graph.json", {
             "experiment": exp.name, "profile": exp.profile,

@@ -31,7 +31,7 @@ from polyrot.experiments.claims import (
 )
 
 TAG_DEFINITION = "polyrot.experiment_definition"
-TAG_NODE = "polyrot.node."
+TAG_NODE = tracking.TAG_NODE
 TAG_CLAIM = "polyrot.claim."
 
 

@@ -23,9 +23,13 @@ def ev_by_site(table: pd.DataFrame, title: str = "Source SAE explained variance 
     """The paper's figure 1: per site, grouped bars of the EV columns in EV_SERIES.
 
     `table` has one row per site x target (audit.csv); a bar is the mean over a site's rows and
-    its whisker spans their min to max, so a spread across target seeds stays visible.
+    its whisker spans their min to max, so a spread across target seeds stays visible. The
+    subtitle names the targets averaged over and says what the whiskers are.
     """
     sites = list(dict.fromkeys(table["site"]))
+    targets = list(dict.fromkeys(table["target"]))
+    over = (f"bars: mean over {len(targets)} targets ({', '.join(targets)}); whiskers: their min to max"
+            if len(targets) > 1 else f"target {targets[0]} (one row per site, so no whiskers)")
     grouped = table.groupby("site", sort=False)
     fig = Figure(figsize=(1.2 * len(sites) + 2.5, 3.8), layout="constrained")
     ax = fig.add_subplot()
@@ -41,25 +45,34 @@ def ev_by_site(table: pd.DataFrame, title: str = "Source SAE explained variance 
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_xticks(x, sites, rotation=30, ha="right")
     ax.set_ylabel("explained variance")
-    ax.set_title(title)
+    ax.set_title(f"{title}\n{over}", fontsize=10)
     ax.legend(fontsize=8, loc="lower left")
     return fig
 
 
 def eigen_angle_histogram(angles: np.ndarray, haar: np.ndarray, ks: dict, null_angles: np.ndarray | None = None,
-                          bins: int = 24) -> Figure:
+                          bins: int = 24, d: int | None = None, pooled: str = "") -> Figure:
     """The paper's figure 2: eigen-angles |arg lambda| in [0, pi] of the fitted rotations, pooled,
     against those of Haar-random O(d) draws; `ks` is the pooled two-sample KS result
-    ({"statistic", "pvalue"}) printed in the title, `null_angles` an optional third histogram."""
+    ({"statistic", "pvalue"}) printed in the title, `null_angles` an optional third histogram.
+
+    Each d x d rotation gives d angles: with `d`, the legend counts rotations as well as angles,
+    and `pooled` says what was pooled ("2 sites x 1 target"), so n = 128 reads as 2 x 64."""
     edges = np.linspace(0.0, np.pi, bins + 1)
-    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
+    fig = Figure(figsize=(6.0, 3.8), layout="constrained")
     ax = fig.add_subplot()
-    ax.hist(angles, bins=edges, density=True, color="#009E73", alpha=0.7, label=f"fitted R (n={len(angles):,})")
+
+    def count(n: int, what: str = "") -> str:
+        rotations = f"{n // d} rotations{f', {what}' if what else ''}: " if d else ""
+        return f"{rotations}{n:,} angles"
+
+    ax.hist(angles, bins=edges, density=True, color="#009E73", alpha=0.7,
+            label=f"fitted R ({count(len(angles), pooled)})")
     ax.hist(haar, bins=edges, density=True, histtype="step", color="black", linewidth=1.5,
-            label=f"Haar O(d) (n={len(haar):,})")
+            label=f"Haar O({d or 'd'}) ({count(len(haar))})")
     if null_angles is not None:
         ax.hist(null_angles, bins=edges, density=True, histtype="step", color="#D55E00", linestyle="--",
-                linewidth=1.2, label=f"untrained pair (n={len(null_angles):,})")
+                linewidth=1.2, label=f"untrained pair ({count(len(null_angles))})")
     ax.set_xlim(0.0, np.pi)
     ax.set_xticks([0, np.pi / 4, np.pi / 2, 3 * np.pi / 4, np.pi], ["0", "π/4", "π/2", "3π/4", "π"])
     ax.set_xlabel("eigen-angle |θ|")

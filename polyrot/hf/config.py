@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-# The paper's Pythia settings (NUMBERS.md §5, §6j).
+# The paper's Pythia settings (its §4.4, §8.3 and appendix D).
 PAPER_CORPUS = "monology/pile-uncopyrighted"
 CORPUS_SEED = 2026
 DTYPES = ("float32", "bfloat16", "float16")

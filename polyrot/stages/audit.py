@@ -395,8 +395,11 @@ def _log_results(run, table: pd.DataFrame, rotations: dict[str, list[Rotation]],
         run.log_figure("fig_cross_checkpoint.png", checkpoint_curve(table[table["kind"] == TRAINED]))
     angles = {kind: np.concatenate([eigen_angles(r.R) for r in found]) for kind, found in pooled.items()}
     ks = {"statistic": statistics[TRAINED]["ks_statistic"], "pvalue": statistics[TRAINED]["ks_pvalue"]}
+    n_sites = len({r.metadata["site"] for r in pooled[TRAINED]})
+    n_targets = len(pooled[TRAINED]) // n_sites
     run.log_figure("fig2_eigen_angles.png", eigen_angle_histogram(
-        angles[TRAINED], haar_angles(d_model, N_HAAR, HAAR_SEED), ks, angles.get(UNTRAINED)))
+        angles[TRAINED], haar_angles(d_model, N_HAAR, HAAR_SEED), ks, angles.get(UNTRAINED), d=d_model,
+        pooled=f"{n_sites} site{'s' * (n_sites > 1)} x {n_targets} target{'s' * (n_targets > 1)}"))
     run.log_figure("fig2_determined_angles.png", determined_angle_histogram(
         {kind: [np.asarray(r.metadata["det_angles"]) for r in found] for kind, found in pooled.items()},
         haar_seed=HAAR_SEED, n_haar=N_HAAR))
@@ -451,7 +454,8 @@ def _run_hf(params: dict) -> str:
 
     with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
                             upstream={"source": source, **{f"target.{labels[rid]}": rid for rid in targets}},
-                            parent_run_id=params["parent_run"], run_name=f"audit-{info['label']}",
+                            parent_run_id=params["parent_run"],
+                            run_name=f"audit-{info['label']}-vs-{','.join(labels.values())}",
                             tags={"polyrot.source_seed": info["label"]}) as run:
         rows, rotations = [], {TRAINED: []}
         for rid, (_, acts_tgt) in targets.items():
@@ -518,7 +522,10 @@ def run(params: dict) -> str:
 
     with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
                             upstream={"source": source, **{f"target.{run_labels[rid]}": rid for rid in target_runs}},
-                            parent_run_id=params["parent_run"], run_name=f"audit-s{source_seed}",
+                            parent_run_id=params["parent_run"],
+                            run_name=f"audit-s{source_seed}{f'@{checkpoint}' if checkpoint else ''}-vs-"
+                                     f"{','.join(run_labels[rid] for rid in target_runs)}"
+                                     f"{f' ({len(checkpoints)} checkpoints)' if checkpoints else ''}",
                             tags={"polyrot.source_seed": source_seed}) as run:
         batch = make_batch(spec)
         acts_src = extract(source_model, batch, sites)

@@ -28,6 +28,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     check: Callable[[object], str | None] | None = None  # returns an error message or None
     positional: bool = False  # a CLI argument (`polyrot reproduce NAME`) rather than an option
+    run_ids: bool = False     # names upstream runs (comma-separated IDs): the run's inputs
 
     @property
     def flag(self) -> str:
@@ -83,7 +84,8 @@ def parse_numbers(raw: str, flag: str) -> list[float]:
     return list(dict.fromkeys(values))
 
 
-EXPERIMENT = Option("experiment", str, "polyrot", "MLflow experiment to log the run in")
+EXPERIMENT = Option("experiment", str, None, "MLflow experiment to log the run in [default: that of the first input "
+                    "run, else polyrot]")
 PARENT_RUN = Option("parent_run", str, None, "run ID of a parent run (groups runs in the UI)")
 
 
@@ -97,10 +99,35 @@ class Stage:
     common: tuple[Option, ...] = field(default=(EXPERIMENT, PARENT_RUN))
     # The module holding `run(params) -> run_id`; default polyrot.stages.<name>.
     module: str = ""
+    # "module:function" giving the default MLflow experiment of a run on given parameters; by
+    # default the first input run's (see experiment_for).
+    experiment_default: str = ""
 
     def run(self, params: dict) -> str:
         """Run the stage on validated parameters (see parse); its module loads here, not before."""
-        return importlib.import_module(self.module or f"polyrot.stages.{self.name}").run(params)
+        return self.load().run({**params, "experiment": self.experiment_for(params)})
+
+    def load(self):
+        return importlib.import_module(self.module or f"polyrot.stages.{self.name}")
+
+    def input_runs(self, params: dict) -> list[str]:
+        """The upstream run IDs in `params`, in option order."""
+        return [rid.strip() for o in self.all_options if o.run_ids and params.get(o.name)
+                for rid in str(params[o.name]).split(",") if rid.strip()]
+
+    def experiment_for(self, params: dict) -> str:
+        """The MLflow experiment a run on `params` belongs to: --experiment when given, else the
+        one `experiment_default` names (a reproduction's: its definition's), else its first input
+        run's, so that a stage run by hand joins its inputs (and the rotations it registers are
+        named for that experiment), else polyrot's default."""
+        if params.get("experiment"):
+            return params["experiment"]
+        if self.experiment_default:
+            module, function = self.experiment_default.split(":")
+            return getattr(importlib.import_module(module), function)(params)
+        from polyrot import tracking
+
+        return tracking.experiment_of(self.input_runs(params)) or tracking.DEFAULT_EXPERIMENT
 
     @property
     def cli_name(self) -> str:

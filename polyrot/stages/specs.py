@@ -40,7 +40,8 @@ CHECKPOINT = Option("checkpoint", str, None, "use this checkpoint of the train_s
 # A Hugging Face model and its corpus sample: hf_activations and hf_attribution load models alike.
 HF_MODEL_OPTIONS = (
     Option("model", str, None, "hub name (EleutherAI/pythia-70m-seed1) or local folder of a causal LM"),
-    Option("model_run", str, None, "train_neox run ID whose stored revisions are loaded (instead of --model)"),
+    Option("model_run", str, None, "train_neox run ID whose stored revisions are loaded (instead of --model)",
+           run_ids=True),
     Option("revision", str, None, "hub branch, tag or commit (step143000, step3000, ...); default main"),
     Option("cache_dir", str, None, "hub cache to resolve --model in; default huggingface_hub's"),
     Option("corpus", str, None, "hub dataset (streamed) or local text file; default: the paper's "
@@ -85,8 +86,10 @@ TRAIN_SEED = Stage(
                check=positive),
         Option("confirm_sequences", int, None, "held-out sequences per split that confirm a milestone and score "
                "the final model (default 16384, ~10^6 tokens)", check=positive),
-        Option("shared_io_from", str, None, "train_seed run ID whose W_E and unembeddings are copied and frozen (Cohort A)"),
-        Option("resume", str, None, "train_seed run ID to continue from its last checkpoint (the recipe comes from it)"),
+        Option("shared_io_from", str, None, "train_seed run ID whose W_E and unembeddings are copied and frozen (Cohort A)",
+               run_ids=True),
+        Option("resume", str, None, "train_seed run ID to continue from its last checkpoint (the recipe comes from it)",
+               run_ids=True),
         Option("threads", int, 0, "torch threads (0: torch's default); 1 makes training bit-reproducible",
                check=non_negative),
         Option("device", str, None, "cpu, cuda or cuda:N; default: CUDA when torch sees one (bf16 autocast there, "
@@ -96,10 +99,24 @@ TRAIN_SEED = Stage(
 )
 
 
+IMPORT_SEED = Stage(
+    "import_seed", "Import a checkpoint of the paper's reference implementation as a seed run that every stage "
+    "reading a train_seed run accepts.",
+    (
+        Option("path", str, REQUIRED, "torch.save checkpoint of the reference code (step, model_state, optim_state, "
+               "cfg, metrics)", positional=True),
+        Option("seed", int, None, "seed the checkpoint was trained as; default: N of a seeds/N/ folder in its path"),
+        # The batch on which the imported model's logits must equal the reference forward's.
+        *batch_options(EVAL_SPEC),
+    ),
+    code_version="1",
+)
+
+
 ACTIVATIONS = Stage(
     "activations", "Extract a model's activations at named sites on a batch spec and store them.",
     (
-        Option("model_run", str, REQUIRED, "train_seed run ID whose model is run"),
+        Option("model_run", str, REQUIRED, "train_seed run ID whose model is run", run_ids=True),
         Option("sites", str, REQUIRED, "comma-separated sites, e.g. resid_mid_0,resid_mid_1"),
         *batch_options(EVAL_SPEC),
         Option("float16", bool, False, "store float16 (half the size; no longer bit-identical to recomputing)"),
@@ -112,8 +129,8 @@ ACTIVATIONS = Stage(
 TRAIN_SAE = Stage(
     "train_sae", "Train an SAE or transcoder on a model's activations at one site (or several, grouped).",
     (
-        Option("model_run", str, None, "train_seed run ID: activations are extracted on the fly"),
-        Option("activations_run", str, None, "activations run ID to train on (instead of --model-run)"),
+        Option("model_run", str, None, "train_seed run ID: activations are extracted on the fly", run_ids=True),
+        Option("activations_run", str, None, "activations run ID to train on (instead of --model-run)", run_ids=True),
         Option("site", str, None, "site to train on, e.g. resid_mid_1"),
         Option("sites", str, None, "comma-separated sites: one child run per site under a group run"),
         Option("layer", int, None, "transcoder layer L: reads ln2_out_L, predicts mlp_out_L", check=non_negative),
@@ -138,8 +155,9 @@ TRAIN_SAE = Stage(
 FIT_ROTATION = Stage(
     "fit_rotation", "Fit, log and register the rotation between two seeds' residual streams at each site.",
     (
-        Option("source", str, REQUIRED, "train_seed run ID of the source model (rotations map into its frame)"),
-        Option("target", str, REQUIRED, "train_seed run ID of the target model"),
+        Option("source", str, REQUIRED, "train_seed run ID of the source model (rotations map into its frame)",
+               run_ids=True),
+        Option("target", str, REQUIRED, "train_seed run ID of the target model", run_ids=True),
         Option("sites", str, None, "comma-separated residual-width sites; default: every residual site"),
         Option("alias", str, None, "registry alias of the pair; default s<source seed>-to-s<target seed>"),
         *batch_options(EVAL_SPEC),
@@ -151,11 +169,12 @@ FIT_ROTATION = Stage(
 AUDIT = Stage(
     "audit", "Audit how a seed's SAEs transfer to other seeds, raw and rotated, beside an untrained pair.",
     (
-        Option("source", str, REQUIRED, "train_seed run ID of the source model"),
+        Option("source", str, REQUIRED, "train_seed run ID of the source model", run_ids=True),
         Option("saes", str, REQUIRED, "comma-separated train_sae run IDs on the source model, one per site "
-               "(a multi-site group run stands for its children)"),
-        Option("targets", str, REQUIRED, "comma-separated train_seed run IDs of the target models"),
-        Option("target_saes", str, None, "train_sae run IDs on target models (groups too), for decoder cosine"),
+               "(a multi-site group run stands for its children)", run_ids=True),
+        Option("targets", str, REQUIRED, "comma-separated train_seed run IDs of the target models", run_ids=True),
+        Option("target_saes", str, None, "train_sae run IDs on target models (groups too), for decoder cosine",
+               run_ids=True),
         Option("null", str, None, "'A,B': seeds of two untrained models audited beside the trained pairs"),
         Option("null_sae_steps", int, None, "steps of the untrained source's SAEs; default: the source SAE's",
                check=positive),
@@ -177,8 +196,8 @@ AUDIT = Stage(
 CONNECTIVITY = Stage(
     "connectivity", "Linear mode connectivity between seeds: loss along the straight line, unaligned and aligned.",
     (
-        Option("reference", str, REQUIRED, "train_seed run ID of seed A: the others are aligned to it"),
-        Option("models", str, REQUIRED, "comma-separated train_seed run IDs of the seeds B"),
+        Option("reference", str, REQUIRED, "train_seed run ID of seed A: the others are aligned to it", run_ids=True),
+        Option("models", str, REQUIRED, "comma-separated train_seed run IDs of the seeds B", run_ids=True),
         Option("points", int, 11, "evaluation points along each path, ends included (at least 11)", check=positive),
         Option("eval_sequences", int, 512, "held-out sequences per split the path is evaluated on", check=positive),
         Option("eval_seed", int, 777, "seed of the held-out sequences"),
@@ -193,8 +212,10 @@ CONNECTIVITY = Stage(
 STEERING = Stage(
     "steering", "Build the toy steering vectors on a source seed and measure how they transfer, raw and rotated.",
     (
-        Option("source", str, REQUIRED, "train_seed run ID whose activations define the steering vectors"),
-        Option("targets", str, REQUIRED, "comma-separated train_seed run IDs the vectors are transferred to"),
+        Option("source", str, REQUIRED, "train_seed run ID whose activations define the steering vectors",
+               run_ids=True),
+        Option("targets", str, REQUIRED, "comma-separated train_seed run IDs the vectors are transferred to",
+               run_ids=True),
         Option("site", str, "resid_mid_1", "residual site the vectors are built at and added to"),
         Option("alphas", str, STEERING_ALPHAS, "comma-separated positive doses alpha (alpha * vector is added)"),
         Option("use_registry", bool, False, "rotate with the registered rotation of each pair instead of fitting "
@@ -217,8 +238,9 @@ BARS = Stage(
     "bars", "Score models on the paper's four bars, within seed and against an aligned reference.",
     (
         Option("reference", str, REQUIRED, "train_seed run ID of the primary seed: models are aligned to it and its "
-               "IG predicts their effects"),
-        Option("models", str, REQUIRED, "comma-separated train_seed run IDs to score (may include the reference)"),
+               "IG predicts their effects", run_ids=True),
+        Option("models", str, REQUIRED, "comma-separated train_seed run IDs to score (may include the reference)",
+               run_ids=True),
         Option("samples", int, BARS_SAMPLES, "Bar B sequences per model (paper: 10^7)", check=positive),
         Option("ig_steps", int, IG_STEPS, "integrated-gradients path points", check=positive),
         Option("eval_sequences", int, task.C_EVAL.n_sequences, "sequences of each causal evaluation batch",
@@ -238,7 +260,7 @@ BARS = Stage(
 LENSES = Stage(
     "lenses", "Lens 1 head norms, ACDC-style head pruning and lens 4 activation patterns per model.",
     (
-        Option("models", str, REQUIRED, "comma-separated train_seed run IDs"),
+        Option("models", str, REQUIRED, "comma-separated train_seed run IDs", run_ids=True),
         Option("acdc_threshold", float, ACDC_THRESHOLD, "effective ablation loss a head must exceed to be kept",
                check=non_negative),
         Option("lens4_sequences", int, task.LENS4_SPEC.n_sequences, "sequences whose positions lens 4 counts "
@@ -317,9 +339,10 @@ REPRODUCE = Stage(
     common=(Option("experiment", str, None, "MLflow experiment to log the runs in [default: the definition's name]"),
             PARENT_RUN),
     module="polyrot.experiments.reproduce",
+    experiment_default="polyrot.experiments.reproduce:default_experiment",
 )
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    TRAIN_SEED, ACTIVATIONS, TRAIN_SAE, FIT_ROTATION, AUDIT, STEERING, BARS, CONNECTIVITY, LENSES, TRAIN_NEOX,
-    HF_ACTIVATIONS, HF_ATTRIBUTION, REPRODUCE,
+    TRAIN_SEED, IMPORT_SEED, ACTIVATIONS, TRAIN_SAE, FIT_ROTATION, AUDIT, STEERING, BARS, CONNECTIVITY, LENSES,
+    TRAIN_NEOX, HF_ACTIVATIONS, HF_ATTRIBUTION, REPRODUCE,
 )}

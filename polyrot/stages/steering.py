@@ -79,7 +79,7 @@ from polyrot.tracking import registry
 
 STAGE = specs.STEERING
 NAME = STAGE.name
-# Hugging Face models (NUMBERS.md §6g): the paper's contrastive sets.
+# Hugging Face models (the paper's §8.6): its contrastive sets.
 HF_SENTENCES = Path(__file__).resolve().parents[2] / "projects" / "steering" / "pythia.yaml"
 HF_EFFECT = "next-token KL"
 HF_EFFECT_NAME, TOY_EFFECT_NAME = "KL(clean || steered)", "conditional-accuracy drop"
@@ -237,7 +237,8 @@ def run(params: dict) -> str:
 
     with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
                             upstream={"source": source, **{f"target.{labels[rid]}": rid for rid in targets}},
-                            parent_run_id=params["parent_run"], run_name=f"steering-s{source_seed}",
+                            parent_run_id=params["parent_run"],
+                            run_name=f"steering-s{source_seed}-to-{','.join(labels.values())}",
                             tags={"polyrot.source_seed": source_seed}) as run:
         save_file({name: v.direction.contiguous() for name, v in vectors.items()}, run.path("vectors.safetensors"),
                   metadata={"site": site, "source_run": source,

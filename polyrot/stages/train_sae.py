@@ -52,6 +52,7 @@ from polyrot.stages.activations import load_activations, parse_sites
 from polyrot.stages.base import (
     batch_spec,
 )
+from polyrot.stages.fit_rotation import seed_of
 from polyrot.stages.hf_activations import is_hf_run, load_hf_activations
 from polyrot.stages.train_seed import load_seed
 from polyrot.toy.activations import extract
@@ -163,15 +164,18 @@ def run(params: dict) -> str:
         raise ParameterError("give exactly one of --model-run and --activations-run")
     spec, heldout = batch_spec(params), batch_spec(params, "heldout")
     # Everything that can be refused is checked before a run exists, so bad input leaves no run.
-    prepare = _prepare_hf if params["activations_run"] and is_hf_run(params["activations_run"]) else _prepare_dyck
-    data, held, pairs, configs, upstream, data_params = prepare(params, spec, heldout)
+    hf = bool(params["activations_run"]) and is_hf_run(params["activations_run"])
+    data, held, pairs, configs, upstream, data_params = (_prepare_hf if hf else _prepare_dyck)(params, spec, heldout)
+    # Run names say whose SAE it is: s<seed> (@checkpoint) of the model, or the hf model's label.
+    seed = seed_of(tracking.configure().get_run(upstream["activations" if hf else "model"]))
+    model = seed if hf else f"s{seed}" + (f"@{params['checkpoint']}" if params["checkpoint"] else "")
     # The run's batch_* params name the data it trained on: an activations run's own spec, if given.
     params = {**params, **data_params}
 
     def train_one(cfg: SAEConfig, target_site: str | None, run_params: dict, adopt: bool = True) -> tuple[str, dict]:
         with tracking.stage_run(NAME, run_params, code_version=STAGE.code_version, experiment=run_params["experiment"],
                                 upstream=upstream, parent_run_id=run_params["parent_run"],
-                                run_name=f"{cfg.kind}-{cfg.site}-x{cfg.expansion}",
+                                run_name=f"{cfg.kind}-{model}-{cfg.site}-x{cfg.expansion}",
                                 tags={TAG_SITE: cfg.site, "polyrot.kind": cfg.kind}, adopt=adopt) as run:
             run.log_params({"target_site": target_site, "n_rows": len(data[cfg.site]),
                             "d_sae": cfg.d_sae})
@@ -192,7 +196,7 @@ def run(params: dict) -> str:
         return train_one(configs[0], pairs[0][1], params)[0]
     with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
                             upstream=upstream, parent_run_id=params["parent_run"],
-                            run_name=f"{params['kind']}-{len(configs)}-sites-x{params['expansion']}",
+                            run_name=f"{params['kind']}-{model}-x{params['expansion']} ({len(configs)} sites)",
                             tags={TAG_GROUP: "sites", "polyrot.kind": params["kind"]}) as group:
         # Under `mlflow run` the adopted group may live elsewhere than --experiment says; the UI
         # nests only children of the same experiment.

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 
 from polyrot.errors import ParameterError
 
-# The paper's recipe (NUMBERS.md §3): batch 512, up to 60k steps, eval every 500,
+# The paper's recipe (its §4.3): batch 512, up to 60k steps, eval every 500,
 # stop 10k steps after first reaching 99.99% min held-out accuracy.
 PAPER = dict(
     batch_size=512, max_steps=60_000, lr=3e-3, warmup_steps=500, min_lr_ratio=0.02,

@@ -81,7 +81,7 @@ PARAM_SUFFIX = {"name": "name", "seed": "seed", "n_sequences": "sequences", "min
                 "max_len": "max_len", "split": "split"}
 
 
-# The batches the paper names (NUMBERS.md §3-§4), each regenerated bit-identically from its spec.
+# The batches the paper names (its §4, §7 and §8), each regenerated bit-identically from its spec.
 EVAL_SPEC = BatchSpec()
 SAE_SPEC = BatchSpec(name="sae", seed=2026, n_sequences=4096)
 # Causal bars: means over 4096 (C), 2048 (Pr) and 1024 (cross-seed) sequences, evaluation on 256

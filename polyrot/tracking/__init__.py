@@ -1,7 +1,9 @@
 """The tracking layer: stores, experiments, stage runs, batched metrics, artifact digests, lineage.
 
-Besides `registry.py` and the stages, this is the only module that imports mlflow. Defaults are
-two SQLite files inside the checkout (tracking in mlruns/, model registry in registry/);
+Besides `registry.py` and the stages, this is the only module that imports mlflow. The default
+store is one SQLite file at the checkout's root, `mlflow.db`, holding runs and the model registry,
+with artifacts under mlruns/artifacts/: the very file plain MLflow opens by default when started
+from the checkout, so `mlflow run .`, `mlflow ui` and a notebook there need no settings.
 MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI point polyrot at any other store, a team server
 included, without code changes.
 """
@@ -53,6 +55,11 @@ TAG_UPSTREAM = "polyrot.upstream."   # + role, value = run ID
 TAG_DIGEST = "polyrot.sha256."       # + artifact path, value = hex digest
 TAG_REUSE_KEY = "polyrot.reuse_key"  # stage + code version + parameters: equal keys, equal results
 TAG_HOST, TAG_PID = "polyrot.host", "polyrot.pid"  # who runs it: tells a stale RUNNING run from a live one
+# A run of another stage that holds the artifacts of this stage's runs (an imported seed is a
+# train_seed run to every stage that reads one).
+TAG_PROVIDES = "polyrot.provides"
+TAG_NODE = "polyrot.node."  # + node id, on a reproduction's parent run: the node's run ID
+
 
 # Parameters that say where and how a stage runs rather than what it computes, so they stay out of
 # the reuse key: seeds trained on a GPU are reused by an analysis on the CPU.
@@ -64,34 +71,45 @@ def store_root() -> Path:
     return Path(os.environ.get("POLYROT_HOME", REPO_ROOT)).resolve()
 
 
+# MLflow's own default store, relative to the working directory: from the checkout's root it is ours.
+MLFLOW_DEFAULT_DB = "mlflow.db"
+# Experiment tag with which MLflow 3's UI opens an experiment on its runs table, not on the GenAI
+# overview (traces, latency, tokens) that it shows experiments of unknown kind.
+KIND_TAG, KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 def default_tracking_uri() -> str:
-    return f"sqlite:///{store_root() / 'mlruns' / 'mlflow.db'}"
+    return f"sqlite:///{store_root() / MLFLOW_DEFAULT_DB}"
 
 
-def default_registry_uri() -> str:
-    return f"sqlite:///{store_root() / 'registry' / 'registry.db'}"
+def absolute_uri(uri: str) -> str:
+    """A relative SQLite URI (sqlite:///mlflow.db) made absolute against the working directory, as
+    MLflow resolves it, so that two spellings of one file compare equal."""
+    path = sqlite_path(uri)
+    return f"sqlite:///{path.resolve()}" if path is not None else uri
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    return absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
 
 
 def registry_uri() -> str:
-    """The model registry: explicit env var, else our local file, else whatever tracking uses.
+    """The model registry: the explicit env var, else the tracking store itself (as in plain
+    MLflow, so `models:/...` resolves wherever the runs are)."""
+    return absolute_uri(os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri())
 
-    When tracking points at a team server and no registry is named, the server's own registry is
-    the right default (as in plain MLflow), not a file in this checkout.
-    """
-    if os.environ.get("MLFLOW_REGISTRY_URI"):
-        return os.environ["MLFLOW_REGISTRY_URI"]
-    return default_registry_uri() if tracking_uri() == default_tracking_uri() else tracking_uri()
+
+def wrong_store_hint(uri: str) -> str:
+    """The one line that tells a user who reached a store other than polyrot's how to reach it."""
+    return (f"{uri} is not polyrot's store ({default_tracking_uri()}): call polyrot.tracking.configure() "
+            f"first, or export MLFLOW_TRACKING_URI={default_tracking_uri()}")
 
 
 def artifact_root() -> Path:
     return store_root() / "mlruns" / "artifacts"
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
@@ -125,11 +143,11 @@ def configure() -> MlflowClient:
             SqlAlchemyStore as TrackingStore,
         )
 
-        db = _sqlite_path(t_uri)
+        db = sqlite_path(t_uri)
         if db is not None:
             with _file_lock(db):
                 TrackingStore(t_uri, str(artifact_root()))
-        reg = _sqlite_path(r_uri)
+        reg = sqlite_path(r_uri)
         if reg is not None and reg != db:
             with _file_lock(reg):
                 RegistryStore(r_uri)
@@ -140,7 +158,8 @@ def configure() -> MlflowClient:
 
 
 def experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
-    """The experiment's ID, creating it with an explicit artifact location if needed.
+    """The experiment's ID, creating it with an explicit artifact location if needed, marked as
+    a model-training experiment.
 
     Creation happens under the database lock: two processes creating one new experiment at once
     misfile runs (mlflow#12259). Against a server, a lost race is resolved by reading it back.
@@ -148,8 +167,9 @@ def experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
     client = configure()
     found = client.get_experiment_by_name(name)
     if found is not None:
+        mark_training(client, found)
         return found.experiment_id
-    db = _sqlite_path(tracking_uri())
+    db = sqlite_path(tracking_uri())
     lock = _file_lock(db) if db is not None else contextlib.nullcontext()
     with lock:
         found = client.get_experiment_by_name(name)
@@ -157,12 +177,30 @@ def experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
             return found.experiment_id
         location = (artifact_root() / name).as_uri() if db is not None else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND_TRAINING})
         except MlflowException:
             found = client.get_experiment_by_name(name)
             if found is None:
                 raise
             return found.experiment_id
+
+
+def mark_training(client: MlflowClient, experiment) -> None:
+    """Tag an experiment made elsewhere (`mlflow run --experiment-name`) as model training."""
+    if experiment.tags.get(KIND_TAG) is None:
+        client.set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND_TRAINING)
+
+
+def experiment_of(run_ids: list[str]) -> str | None:
+    """The experiment holding the first of `run_ids` that exists: where a stage run by hand on
+    those inputs belongs. None when none exists (the stage's lineage check then says why)."""
+    client = configure()
+    for run_id in run_ids:
+        try:
+            return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+        except MlflowException:
+            continue
+    return None
 
 
 def git_state() -> tuple[str, bool]:
@@ -315,6 +353,10 @@ def stage_run(
     adopted = os.environ.get("MLFLOW_RUN_ID") if adopt else None
     if adopted:
         run_id = adopted
+        # `mlflow run` named it at random ("handsome-chimp-520") in an experiment it may have made.
+        if run_name:
+            client.set_tag(run_id, "mlflow.runName", run_name)
+        mark_training(client, client.get_experiment(client.get_run(run_id).info.experiment_id))
     else:
         run_tags = {"mlflow.runName": run_name} if run_name else {}
         if parent_run_id:
@@ -358,7 +400,7 @@ def attach(run_id: str) -> Iterator[StageRun]:
 
 def fetch_run(run_id: str, stage: str | tuple[str, ...], *, finished: bool = True):
     """The MLflow run `run_id`, checked to exist, be FINISHED (unless `finished=False`: resuming
-    a killed run) and belong to `stage`."""
+    a killed run) and belong to `stage` (or provide its artifacts, TAG_PROVIDES)."""
     client = configure()
     stages = (stage,) if isinstance(stage, str) else stage
     try:
@@ -368,7 +410,7 @@ def fetch_run(run_id: str, stage: str | tuple[str, ...], *, finished: bool = Tru
     if finished and run.info.status != "FINISHED":
         raise RunNotFinishedError(f"run {run_id} is {run.info.status}, not FINISHED: its results are incomplete")
     actual = run.data.tags.get(TAG_STAGE)
-    if actual not in stages:
+    if actual not in stages and run.data.tags.get(TAG_PROVIDES) not in stages:
         raise WrongStageError(f"run {run_id} is a {actual or 'non-polyrot'} run; expected a {' or '.join(stages)} run")
     return run
 

@@ -131,7 +131,7 @@ def register_rotation(rotation: Rotation, run: tracking.StageRun, *, name: str, 
     client.set_registered_model_tag(name, TAG_KIND, KIND)
     client.update_registered_model(name, description=(
         f"polyrot rotations at {site}: one version per fitted (source run, target run) pair, mapping "
-        "target activations into the source frame; aliases s<source seed>-to-s<target seed>."))
+        "target activations into the source frame; aliases sN-to-sM for source seed N and target seed M."))
     client.set_registered_model_alias(name, alias, version.version)
     return version
 
