@@ -13,6 +13,8 @@ from polyrot.errors import PolyrotError
 from polyrot.stages.base import REQUIRED
 
 MLPROJECT = Path(__file__).resolve().parents[1] / "MLproject"
+# What a boolean option accepts ("" is MLproject's "not given").
+BOOL_SPELLINGS = ("true", "false", "1", "0", "yes", "no", "")
 
 
 def _fail(message: str) -> None:
@@ -30,6 +32,14 @@ class Group(click.Group):
             if os.environ.get("POLYROT_DEBUG"):
                 raise
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except Exception as exc:
+            # A tracking server's 401/403 mid-command; only a process that loaded the tracking layer
+            # can have met one (importing it here would load mlflow into `--help`).
+            remote = sys.modules.get("polyrot.tracking.remote")
+            line = remote.refusal(exc, os.environ.get("MLFLOW_TRACKING_USERNAME")) if remote else None
+            if line is None or os.environ.get("POLYROT_DEBUG"):
+                raise
+            _fail(line)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -49,9 +59,12 @@ def _stage_command(stage):
         return opt.help + (f" [default: {opt.default}]" if opt.default is not None else "")
 
     # Every option is read as a string and converted by the stage, exactly as MLproject values are.
+    # A boolean given alone (`--no-wait`) means true; its spellings are checked, so that a word the
+    # option swallowed by mistake (`--no-wait smoke`) is an error, not a silent false.
     params = [
         click.Argument([opt.name], required=False) if opt.positional else
-        click.Option([opt.flag], type=str, default=None, help=describe(opt),
+        click.Option([opt.flag], type=click.Choice(BOOL_SPELLINGS, case_sensitive=False) if opt.type is bool else str,
+                     default=None, help=describe(opt), is_flag=False, flag_value="true" if opt.type is bool else None,
                      metavar="RUN_ID" if opt.run_ids else opt.type.__name__.upper())
         for opt in stage.all_options
     ]
@@ -155,3 +168,88 @@ def report_command(name: str, run_id: str | None, experiment: str | None) -> Non
     exp, parent = verify.reproduction(name, run_id, experiment)
     verdicts = verify.verify(exp, parent)
     click.echo(report.write_report(exp, parent, verdicts))
+
+
+# --- team mode: the shared tracking server ------------------------------------------------------
+
+_SERVER_DIR = click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+                           help="the server's directory [default: $POLYROT_SERVER_DIR or ~/.polyrot/server]")
+
+
+@main.group("server")
+def server_group() -> None:
+    """A team tracking server: MLflow on PostgreSQL with basic auth and served artifacts (docs/team.md)."""
+
+
+def _server_dir(directory: Path | None) -> Path:
+    from polyrot.tracking import server
+
+    return directory or server.default_dir()
+
+
+@server_group.command("init")
+@_SERVER_DIR
+@click.option("--database", required=True, metavar="URI",
+              help="PostgreSQL for runs and the model registry (postgresql+psycopg2://USER@HOST:PORT/DB; the "
+                   "password comes from ~/.pgpass or PGPASSFILE)")
+@click.option("--auth-database", default=None, metavar="URI", help="users and roles [default: sqlite in --dir]")
+@click.option("--artifacts", default=None, metavar="URI", help="where the server stores artifacts [default: --dir/artifacts]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="interface to listen on")
+@click.option("--port", default=5000, show_default=True, help="port to listen on")
+@click.option("--workers", default=2, show_default=True, help="server worker processes")
+@click.option("--allowed-hosts", default=None, help="Host headers to accept besides localhost (with a --host "
+              "other than 127.0.0.1), e.g. tracking.lab.example:5000")
+def server_init(directory, database, auth_database, artifacts, host, port, workers, allowed_hosts) -> None:
+    """Write a server directory: configuration, auth configuration and secret (no password)."""
+    from polyrot.tracking import server
+
+    config = server.init(_server_dir(directory), database, auth_database=auth_database, host=host, port=port,
+                         artifacts=artifacts, workers=workers, allowed_hosts=allowed_hosts)
+    click.echo(f"initialised {_server_dir(directory)}: {config.url} on {config.database}")
+
+
+@server_group.command("start")
+@_SERVER_DIR
+def server_start(directory) -> None:
+    """Start the server (MLFLOW_AUTH_ADMIN_PASSWORD: the admin's password) and print its URL."""
+    from polyrot.tracking import server
+
+    click.echo(server.start(_server_dir(directory)))
+
+
+@server_group.command("stop")
+@_SERVER_DIR
+def server_stop(directory) -> None:
+    """Stop the server."""
+    from polyrot.tracking import server
+
+    click.echo("stopped" if server.stop(_server_dir(directory)) else "not running")
+
+
+@server_group.command("status")
+@_SERVER_DIR
+def server_status(directory) -> None:
+    """Say whether the server runs and answers; exit 1 if it does not."""
+    from polyrot.tracking import server
+
+    state = server.status(_server_dir(directory))
+    click.echo(f"{'running' if state['running'] else 'stopped'}{', healthy' if state['healthy'] else ''}: "
+               f"{state['url']} (pid {state['pid']}) on {state['database']}")
+    sys.exit(0 if state["healthy"] else 1)
+
+
+@server_group.command("add-user")
+@_SERVER_DIR
+@click.argument("name")
+@click.option("--role", type=click.Choice(["reader", "writer"]), required=True,
+              help="reader: read everything; writer: also create runs and register models")
+@click.option("--url", default=None, help="the server's URL [default: the one --dir runs]")
+@click.option("--password-stdin", is_flag=True, help="read the new user's password from stdin (else a prompt)")
+def server_add_user(directory, name, role, url, password_stdin) -> None:
+    """Create user NAME with a role; as the admin (MLFLOW_AUTH_ADMIN_PASSWORD)."""
+    from polyrot.tracking import server
+
+    password = (sys.stdin.readline().rstrip("\n") if password_stdin else
+                click.prompt(f"password for {name}", hide_input=True, confirmation_prompt=True, err=True))
+    server.add_user(url or server.load(_server_dir(directory)).url, name, role, password)
+    click.echo(f"{name}: {role}")

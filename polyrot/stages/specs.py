@@ -332,7 +332,14 @@ REPRODUCE = Stage(
     (
         Option("name", str, "dyck3-cohort-a", "experiment definition in projects/ (file stem)", positional=True),
         Option("profile", str, "cpu", "parameter profile of the experiment: cpu or paper"),
-        Option("jobs", int, 1, "independent stages to run at once", check=positive),
+        Option("jobs", int, 1, "independent stages to run at once (local executor)", check=positive),
+        Option("executor", str, "local", "where each stage runs: a local process, or a Slurm job (sbatch)",
+               choices=("local", "slurm")),
+        Option("partition", str, None, "Slurm partition of the jobs [default: Slurm's default partition]"),
+        Option("time", str, None, "Slurm time limit of every job (30, 02:00:00, 1-00:00:00) [default: the "
+               "experiment's resources, else the partition's]"),
+        Option("no_wait", bool, False, "submit the Slurm jobs and return; a later reproduce waits for them and "
+               "continues the graph"),
     ),
     code_version="1",
     # The MLflow experiment defaults to the experiment definition's own name, not to "polyrot".

@@ -15,9 +15,11 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import polyrot  # noqa: E402
+from polyrot.tracking import remote  # noqa: E402
 from polyrot.errors import (  # noqa: E402
     ArtifactCorruptError,
     ArtifactMissingError,
@@ -55,11 +58,11 @@ TAG_UPSTREAM = "polyrot.upstream."   # + role, value = run ID
 TAG_DIGEST = "polyrot.sha256."       # + artifact path, value = hex digest
 TAG_REUSE_KEY = "polyrot.reuse_key"  # stage + code version + parameters: equal keys, equal results
 TAG_HOST, TAG_PID = "polyrot.host", "polyrot.pid"  # who runs it: tells a stale RUNNING run from a live one
+TAG_SLURM_JOB = "polyrot.slurm_job_id"  # the Slurm job a run ran in (experiments.slurm follows and closes it)
 # A run of another stage that holds the artifacts of this stage's runs (an imported seed is a
 # train_seed run to every stage that reads one).
 TAG_PROVIDES = "polyrot.provides"
 TAG_NODE = "polyrot.node."  # + node id, on a reproduction's parent run: the node's run ID
-
 
 # Parameters that say where and how a stage runs rather than what it computes, so they stay out of
 # the reuse key: seeds trained on a GPU are reused by an analysis on the CPU.
@@ -151,6 +154,8 @@ def configure() -> MlflowClient:
         if reg is not None and reg != db:
             with _file_lock(reg):
                 RegistryStore(r_uri)
+        if remote.is_remote(t_uri):
+            remote.check(t_uri)  # one line now, not minutes of retries at the first run
         mlflow.set_tracking_uri(t_uri)
         mlflow.set_registry_uri(r_uri)
         _configured = (t_uri, r_uri)
@@ -353,6 +358,8 @@ def stage_run(
     adopted = os.environ.get("MLFLOW_RUN_ID") if adopt else None
     if adopted:
         run_id = adopted
+        # A run a batch executor prepared waits SCHEDULED until its job starts (experiments.slurm).
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         # `mlflow run` named it at random ("handsome-chimp-520") in an experiment it may have made.
         if run_name:
             client.set_tag(run_id, "mlflow.runName", run_name)
@@ -371,15 +378,35 @@ def stage_run(
                 TAG_COMMIT: commit, TAG_DIRTY: str(dirty).lower(),
                 TAG_REUSE_KEY: reuse_key(stage, code_version, params),
                 TAG_HOST: socket.gethostname(), TAG_PID: os.getpid(),
+                **({TAG_SLURM_JOB: os.environ["SLURM_JOB_ID"]} if os.environ.get("SLURM_JOB_ID") else {}),
                 **{TAG_UPSTREAM + role: rid for role, rid in (upstream or {}).items()},
                 **(tags or {}),
             })
             run.log_params(params)
-            yield run
+            with _sigterm_raises():
+                yield run
         except BaseException:
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
             raise
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM (scancel, a batch system's time limit, `kill`) ends the stage with an exception, so its
+    run is closed FAILED instead of being left RUNNING by a process that vanished."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
