@@ -63,9 +63,12 @@ def _stage_command(stage):
     # option swallowed by mistake (`--no-wait smoke`) is an error, not a silent false.
     params = [
         click.Argument([opt.name], required=False) if opt.positional else
-        click.Option([opt.flag], type=click.Choice(BOOL_SPELLINGS, case_sensitive=False) if opt.type is bool else str,
-                     default=None, help=describe(opt), is_flag=False, flag_value="true" if opt.type is bool else None,
-                     metavar="RUN_ID" if opt.run_ids else opt.type.__name__.upper())
+        click.Option([opt.flag], default=None, help=describe(opt),
+                     metavar="RUN_ID" if opt.run_ids else opt.type.__name__.upper(),
+                     # A boolean may stand alone (`--decoy` means true); any other option always takes a
+                     # value, even one that starts with a dash (`--samples -1` is a bad value, not an option).
+                     **(dict(type=click.Choice(BOOL_SPELLINGS, case_sensitive=False), is_flag=False, flag_value="true")
+                        if opt.type is bool else dict(type=str)))
         for opt in stage.all_options
     ]
     return click.Command(stage.cli_name, callback=callback, params=params, help=stage.help)
