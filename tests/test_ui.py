@@ -12,8 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,14 +31,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
-
-
 class UI:
     """`polyrot ui` as a user starts it, its printed lines read as they come."""
 
@@ -58,7 +48,7 @@ class UI:
             assert time.time() < deadline and self.process.poll() is None, self.lines
             line = self.process.stdout.readline()
             if line and not self.lines:
-                assert answers(self.base), "polyrot ui printed its URL before the server answered"
+                assert ui.answers(self.base), "polyrot ui printed its URL before the server answered"
             self.lines += [line.rstrip("\n")] if line else []
         return {m.group(1): m.group(2) for line in self.lines if (m := re.match(r"  (.+?): (http\S+)$", line))}
 
@@ -199,4 +189,4 @@ def test_sigterm_and_sigint_stop_the_server(store, signum):
     server = UI()
     server.links()
     assert server.stop(signum) == 0
-    assert not answers(server.base)
+    assert not ui.answers(server.base)

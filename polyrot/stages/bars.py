@@ -135,7 +135,9 @@ def run(params: dict) -> str:
 
     with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
                             upstream={"reference": reference_run, **{f"model.{labels[rid]}": rid for rid in run_ids}},
-                            parent_run_id=params["parent_run"], run_name=f"bars-s{reference_seed}",
+                            parent_run_id=params["parent_run"],
+                            run_name=f"bars-s{reference_seed}{f'@{checkpoint}' if checkpoint else ''}-vs-"
+                                     f"{','.join(labels.values())}",
                             tags={"polyrot.reference_seed": reference_seed}) as run:
         for name, spec in batch_specs.items():
             run.log_params(spec.as_params(f"batch_{name}"))

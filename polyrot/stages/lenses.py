@@ -39,6 +39,7 @@ def run(params: dict) -> str:
     run_ids = parse_run_ids(params["models"], "--models")
     # Everything that can be refused is checked before a run exists, so bad input leaves no run.
     labels = seed_labels({rid: seed_of(tracking.fetch_run(rid, TRAIN_SEED)) for rid in run_ids})
+    at_checkpoint = f"@{params['checkpoint']}" if params["checkpoint"] else ""
     models = {rid: load_seed(rid, params["checkpoint"]) for rid in run_ids}
     if params["threads"]:
         torch.set_num_threads(params["threads"])
@@ -48,7 +49,8 @@ def run(params: dict) -> str:
 
     with tracking.stage_run(NAME, params, code_version=STAGE.code_version, experiment=params["experiment"],
                             upstream={f"model.{labels[rid]}": rid for rid in run_ids},
-                            parent_run_id=params["parent_run"], run_name="lenses") as run:
+                            parent_run_id=params["parent_run"],
+                            run_name=f"lenses-{','.join(labels.values())}" + at_checkpoint) as run:
         for prefix, spec in (("batch_means", task.LENS_MEANS), ("batch_eval", task.LENS_EVAL),
                              ("batch_lens4", lens4_spec)):
             run.log_params(spec.as_params(prefix))

@@ -40,17 +40,20 @@ def server_command(host: str = "127.0.0.1", port: int = 5000) -> list[str]:
     return cmd
 
 
+def answers(url: str) -> bool:
+    """Whether the MLflow server at `url` answers its health check."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
 def wait_until_up(url: str, timeout: float = 60.0, server: subprocess.Popen | None = None) -> None:
     """Block until the server answers its health check; raise if `server` exits first or after
     `timeout` seconds."""
     deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+    while not answers(url):
         if server is not None and server.poll() is not None:
             raise PolyrotError(f"mlflow server exited with code {server.returncode} before answering at {url} "
                                "(is the port taken? --port picks another)")
