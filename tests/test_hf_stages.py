@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from polyrot import tracking
 from polyrot.hf import lm, neox
 from polyrot.stages import STAGES
+from polyrot.stages.audit import PLANTED
 from tests.conftest import cli, one_line_error
 
 torch.set_num_threads(1)
@@ -96,7 +97,8 @@ def test_saes_and_the_audit_run_on_hf_activations(acts):
                              target_saes=saes[2], experiment=EXPERIMENT)
     root = tracking.artifact_dir(run_id)
     table = pd.read_csv(root / "audit.csv").set_index(["target", "site"])
-    assert set(table.index.get_level_values(0)) == {"neox-tiny-seed2-main", "neox-tiny-seed1-step0"}
+    # The two real targets, and the planted nulls the audit adds beside every source (issue 15).
+    assert set(table.index.get_level_values(0)) == {"neox-tiny-seed2-main", "neox-tiny-seed1-step0", *PLANTED}
     for (target, site), row in table.iterrows():
         assert row["rotation_ev"] >= row["identity_ev"] - 1e-9 and abs(row["d"] - 32) < 1e-9
     # Another seed's basis is turned by about a Haar rotation; the same seed 40 steps earlier, much less.
