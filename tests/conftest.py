@@ -74,6 +74,26 @@ def store(tmp_path_factory) -> Path:
             os.environ[k] = v
 
 
+@pytest.fixture
+def own_store(store, tmp_path, monkeypatch) -> Path:
+    """A store of this test's own, for a test whose reproductions must not become the newest in
+    the session store (verify, report and `polyrot ui` default to the newest); the session store
+    is back after it."""
+    from polyrot import tracking
+
+    home = tmp_path / "polyrot-home"
+    home.mkdir()
+    monkeypatch.setenv("POLYROT_HOME", str(home))
+    # mlflow.set_tracking_uri exports the session store's URI for child processes: drop it too.
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    tracking.configure()
+    assert tracking.tracking_uri() == f"sqlite:///{home.resolve() / tracking.MLFLOW_DEFAULT_DB}"
+    yield home
+    monkeypatch.undo()
+    tracking.configure()
+
+
 @pytest.fixture(scope="session")
 def seed_run(store) -> str:
     """A tiny Cohort B train_seed run, shared by every test that needs a finished model run."""

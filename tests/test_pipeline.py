@@ -84,7 +84,7 @@ def test_bad_values_and_dangling_references_fail_before_any_run(tmp_path):
         pipeline.load_experiment(write(tmp_path, GRAPH), profile="gpu")
 
 
-def test_reproduce_runs_once_then_reuses_everything(store, tmp_path):
+def test_reproduce_runs_once_then_reuses_everything(own_store, tmp_path):
     path = write(tmp_path, GRAPH)
     first = STAGES["reproduce"](name=path, experiment="pipeline-reuse")
     client = MlflowClient()
@@ -103,7 +103,7 @@ def test_reproduce_runs_once_then_reuses_everything(store, tmp_path):
     assert again == nodes
 
 
-def test_kill_9_then_rerun_completes_without_duplicates(store, tmp_path):
+def test_kill_9_then_rerun_completes_without_duplicates(own_store, tmp_path):
     body = GRAPH.replace("max_steps: 40", "max_steps: 300")
     path = write(tmp_path, body)
     exp_name = "pipeline-kill"

@@ -29,7 +29,7 @@ from polyrot.toy.steering import (
 )
 from polyrot.toy.task import BatchSpec
 from tests.conftest import TINY_TRAIN, cli, one_line_error
-from tests.test_fit_rotation_stage import rotated_copy_runs
+from tests.test_fit_rotation_stage import log_model_run, rotated_copy_runs
 
 torch.set_num_threads(1)
 
@@ -174,7 +174,9 @@ def test_registered_rotation_carries_the_vector_to_an_exactly_rotated_copy(seed_
 
 
 def test_use_registry_without_a_registered_pair_is_one_line(seed_run):
-    one_line_error(cli("steering", "--source", seed_run, "--targets", seed_run, "--use-registry", "true",
+    # A copy logged here and now: no other test in the session can have registered a rotation to it.
+    unpaired = log_model_run(load_seed(seed_run), 0, EXPERIMENT)
+    one_line_error(cli("steering", "--source", seed_run, "--targets", unpaired, "--use-registry", "true",
                        "--experiment", EXPERIMENT), "no registered rotation at resid_mid_1")
 
 
