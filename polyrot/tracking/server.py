@@ -41,6 +41,7 @@ ROLES = {
     "writer": [("workspace", "*", "USE"), ("experiment", "*", "EDIT"), ("registered_model", "*", "EDIT")],
 }
 ADMIN_PASSWORD_VAR = "MLFLOW_AUTH_ADMIN_PASSWORD"
+AUTH_CACHE_S = 60
 # Client credentials in the environment are a user's, never the server's.
 CLIENT_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                "MLFLOW_TRACKING_TOKEN", "MLFLOW_RUN_ID")
@@ -129,6 +130,9 @@ def init(directory: Path, database: str, *, auth_database: str | None = None, ho
         "admin_username": ADMIN,
         "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
         "grant_default_workspace_access": "false",
+        # Every request re-hashes the password (PBKDF2) unless a check is cached; a stage makes
+        # hundreds of requests. A changed password or role reaches the other workers within this.
+        "auth_cache_ttl_seconds": str(AUTH_CACHE_S),
     }
     with open(directory / "auth.ini", "w") as fh:
         auth.write(fh)
@@ -141,7 +145,8 @@ def init(directory: Path, database: str, *, auth_database: str | None = None, ho
 
 def _pid(directory: Path) -> int | None:
     """The running server's process (group) ID, or None when it is not running."""
-    from polyrot.tracking import _process_alive  # the one liveness check (zombies count as dead)
+    # The one liveness check (zombies count as dead).
+    from polyrot.tracking import _process_alive
 
     path = Path(directory) / "server.pid"
     if not path.is_file():

@@ -104,6 +104,11 @@ def test_smoke_on_slurm_through_a_scancel_of_the_whole_graph(team, admin):
                        and r.data.tags.get("polyrot.stage") != "reproduce")
     assert finished and max(finished.values()) == 1, finished
 
+    # verify and report work against the server as they do locally.
+    verified = team.ok("verify", "smoke")
+    assert f"reproduction {parent.info.run_id}" in verified and "rotation-operator-norm" in verified
+    assert team.ok("report", "smoke").strip().startswith("mlflow-artifacts:/")
+
     # A reader, in a fresh process, pulls the registered rotation back and may not register one.
     fit_run = nodes["rotation1"]
     code = textwrap.dedent(f"""
