@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -49,6 +50,11 @@ def test_a_run_records_params_metrics_artifacts_and_provenance(seed_run):
         assert tags[tracking.TAG_DIGEST + path] == tracking.sha256_file(artifacts / path)
     state = json.loads((artifacts / "checkpoints/step-000020.json").read_text())
     assert state["step"] == 20 and state["rows_consumed"] == 20 * 32
+    # The error table counts the confirmation sets' positions and the final evaluation's errors.
+    errors = pd.read_csv(artifacts / "errors.csv")
+    depth = errors[(errors["feature"] == "depth") & (errors["split"] == "long") & (errors["head"] == "valid")]
+    wrong = depth["errors"].sum() / depth["positions"].sum()
+    assert abs(wrong - (1 - metrics["final.acc.long.valid"])) < 1e-9 and tags[tracking.TAG_DIGEST + "errors.csv"]
 
 
 def test_cohort_a_keeps_the_shared_io_bit_identical(seed_run):
@@ -166,3 +172,12 @@ def test_mlflow_run_entry_point_matches_the_cli(store):
 
 def test_mlproject_is_generated_from_the_stage_definitions():
     assert cli("mlproject", "--check").exit_code == 0
+
+
+def test_a_process_that_fetched_artifacts_leaves_no_download_folder(seed_run, tmp_path):
+    code = ("import glob, sys; from polyrot.stages.train_seed import load_seed; load_seed(sys.argv[1]); "
+            "print(len(glob.glob(sys.argv[2] + '/polyrot-fetch-*')))")
+    done = subprocess.run([sys.executable, "-c", code, seed_run, str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "TMPDIR": str(tmp_path)}, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["1"], done.stderr[-2000:]  # there while it ran
+    assert not list(tmp_path.glob("polyrot-fetch-*"))

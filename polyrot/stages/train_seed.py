@@ -3,6 +3,9 @@
 Artifacts (the contract later stages read):
   model.safetensors, config.json          the best evaluated weights (+ W_pos buffer) and the model config
   train.json                              the resolved recipe, milestones and final evaluation
+  errors.csv                              where the kept model is still wrong on the confirmation sets
+                                          (polyrot.toy.error_analysis: split, head, depth, distance
+                                          from the first violation, position)
   checkpoints/step-NNNNNN.safetensors     model + optimizer tensors, every checkpoint_every steps
   checkpoints/step-NNNNNN.json            step, data-stream position, optimizer groups, recipe
   checkpoints/first-0.99.*                the first checkpoint confirmed at each accuracy milestone
@@ -20,6 +23,7 @@ from polyrot import tracking
 from polyrot.core.device import resolve_device
 from polyrot.errors import ArtifactMissingError, ParameterError
 from polyrot.stages import specs
+from polyrot.toy.error_analysis import error_table
 from polyrot.toy.model import SHARED_IO, load_model, save_model
 from polyrot.toy.recipe import TrainConfig
 from polyrot.toy.train import (
@@ -107,7 +111,8 @@ def run(params: dict) -> str:
 
         # The model a seed keeps is its best evaluated one (the paper's choice), the EMA's if that won.
         model = state.best_model()
-        final = evaluate(model, EvalSets.build(cfg.confirm_sequences, seed=778))
+        confirm = EvalSets.build(cfg.confirm_sequences, seed=778)
+        final = evaluate(model, confirm)
         run.log_metrics({f"final.{k}": v for k, v in final.items()}, state.step)
         if state.best is not None:
             run.set_tags({"polyrot.final_step": state.best.step, "polyrot.final_weights": state.best.source})
@@ -119,6 +124,8 @@ def run(params: dict) -> str:
         save_model(model, run.staging)
         run.log_artifact("model.safetensors")
         run.log_artifact("config.json")
+        error_table(model, confirm.batches).to_csv(run.path("errors.csv"), index=False)
+        run.log_artifact("errors.csv")
         run.log_json("train.json", {"recipe": cfg.to_dict(), "steps": state.step, "milestones": state.milestones,
                                     "first_crossing": state.first_crossing, "final": final,
                                     "final_weights": state.best and {"step": state.best.step, "source": state.best.source}})

@@ -35,7 +35,6 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import polyrot  # noqa: E402
-from polyrot.tracking import remote  # noqa: E402
 from polyrot.errors import (  # noqa: E402
     ArtifactCorruptError,
     ArtifactMissingError,
@@ -44,6 +43,7 @@ from polyrot.errors import (  # noqa: E402
     RunNotFoundError,
     WrongStageError,
 )
+from polyrot.tracking import remote  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_EXPERIMENT = "polyrot"
@@ -442,6 +442,19 @@ def fetch_run(run_id: str, stage: str | tuple[str, ...], *, finished: bool = Tru
     return run
 
 
+_downloads: tempfile.TemporaryDirectory | None = None
+
+
+def _download_dir() -> str:
+    """A new folder for one download, inside a per-process temporary folder that is removed when
+    the process exits: every stage fetches its upstream, and a folder each left behind for good
+    filled /tmp (thousands after a day of runs)."""
+    global _downloads
+    if _downloads is None:
+        _downloads = tempfile.TemporaryDirectory(prefix="polyrot-fetch-")
+    return tempfile.mkdtemp(dir=_downloads.name)
+
+
 def fetch_artifact(run_id: str, artifact_path: str, *, stage: str | tuple[str, ...], dst: Path | None = None,
                    finished: bool = True) -> Path:
     """Download one artifact of an upstream run after validating the run and the file's digest.
@@ -452,7 +465,7 @@ def fetch_artifact(run_id: str, artifact_path: str, *, stage: str | tuple[str, .
     expected = run.data.tags.get(TAG_DIGEST + artifact_path)
     if expected is None:
         raise ArtifactMissingError(f"run {run_id} has no artifact {artifact_path!r}")
-    dst = Path(dst or tempfile.mkdtemp(prefix="polyrot-fetch-"))
+    dst = Path(dst or _download_dir())
     try:
         local = Path(configure().download_artifacts(run_id, artifact_path, str(dst)))
     except (MlflowException, OSError):

@@ -167,13 +167,13 @@ def test_four_stages_writing_at_once_lose_nothing(team, four_seeds, admin):
     files = 0
     for rid, s in snap.items():
         digests = {k[len("polyrot.sha256."):]: v for k, v in s["tags"].items() if k.startswith("polyrot.sha256.")}
-        assert sorted(digests) == s["artifacts"] and len(digests) == 7, (rid, s["artifacts"])
+        assert sorted(digests) == s["artifacts"] and len(digests) == 8, (rid, s["artifacts"])
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(admin.download_artifacts(rid, "", tmp))
             for path, digest in digests.items():
                 assert hashlib.sha256((local / path).read_bytes()).hexdigest() == digest, (rid, path)
                 files += 1
-    assert files == 28
+    assert files == 32
     assert all(s["artifacts"] and s["tags"]["polyrot.stage"] == "train_seed" for s in snap.values())
     print(f"\n4 concurrent stages: 4 runs, {points} metric points, {files} artifacts", file=sys.stderr)
 

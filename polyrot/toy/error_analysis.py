@@ -1,0 +1,86 @@
+"""Where a Dyck model is still wrong: the error rate of each head on each held-out split, broken
+down by what describes a position. A seed that misses the 99.99% bar is explained by this table
+(which split, head, depth and distance from the first violation hold the last errors), and a
+training mix can be aimed at those cells.
+
+Each row of the table is one (split, head, feature, value) cell: `positions` non-PAD positions of
+the held-out set have that value, `errors` of them are predicted wrongly. The features:
+
+  depth            the position's true stack depth (its depth label, 0..MAX_DEPTH)
+  since_violation  positions since the row's first grammar violation: -1 before it (the row is
+                   still valid there), 0 at it, capped at SINCE_CAP
+  position         the position in the sequence, in bins of POSITION_BIN (BOS is position 0)
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from polyrot.toy.dyck import Batch
+from polyrot.toy.model import DyckTransformer
+from polyrot.toy.task import HEADS, N_CTX, N_DEPTH_CLASSES
+
+SINCE_CAP = 16
+POSITION_BIN = 8
+FEATURES = ("depth", "since_violation", "position")
+
+
+def since_first_violation(valid: torch.Tensor) -> torch.Tensor:
+    """[B, T] positions since the first True of each row of the `valid` (is-invalid) labels, -1
+    before it, capped at SINCE_CAP. The labels stay True from the first violation on."""
+    started = valid.long().cumsum(1)  # 1 at the violation, 2 one position later, ...
+    return torch.where(started > 0, (started - 1).clamp(max=SINCE_CAP), -1)
+
+
+def _features(part: Batch) -> dict[str, torch.Tensor]:
+    positions = torch.arange(part.tokens.shape[1]).expand_as(part.tokens)
+    return {"depth": part.depth, "since_violation": since_first_violation(part.valid),
+            "position": positions // POSITION_BIN * POSITION_BIN}
+
+
+# Each feature's values shifted to 0.. for bincount, and the number of them.
+_OFFSET = {"depth": 0, "since_violation": 1, "position": 0}
+_SIZE = {"depth": N_DEPTH_CLASSES, "since_violation": SINCE_CAP + 2, "position": N_CTX}
+
+
+@torch.no_grad()
+def error_table(model: DyckTransformer, batches: dict[str, Batch], chunk: int = 128) -> pd.DataFrame:
+    """The error cells of `model` on held-out `batches` ({split: Batch}), rows in length order and
+    trimmed as in evaluation. Columns: split, head, feature, value, positions, errors, error_rate;
+    only cells with positions are kept."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = []
+    for split, batch in batches.items():
+        positions = {f: torch.zeros(_SIZE[f], dtype=torch.long) for f in FEATURES}
+        errors = {(h, f): torch.zeros(_SIZE[f], dtype=torch.long) for h in HEADS for f in FEATURES}
+        by_length = torch.argsort(batch.lengths, stable=True)
+        for lo in range(0, len(batch), chunk):
+            part = batch.select(by_length[lo:lo + chunk]).trimmed()
+            logits = model(part.tokens.to(device))
+            keys = {f: (v + _OFFSET[f])[part.mask] for f, v in _features(part).items()}
+            for f in FEATURES:
+                positions[f] += torch.bincount(keys[f], minlength=_SIZE[f])
+            for h in HEADS:
+                wrong = (logits[h].argmax(-1).cpu() != getattr(part, h))[part.mask]
+                for f in FEATURES:
+                    errors[h, f] += torch.bincount(keys[f][wrong], minlength=_SIZE[f])
+        for h in HEADS:
+            for f in FEATURES:
+                for i in positions[f].nonzero().flatten().tolist():
+                    n, e = int(positions[f][i]), int(errors[h, f][i])
+                    rows.append((split, h, f, i - _OFFSET[f], n, e, e / n))
+    model.train(was_training)
+    return pd.DataFrame(rows, columns=["split", "head", "feature", "value", "positions", "errors", "error_rate"])
+
+
+def worst_cells(table: pd.DataFrame, n: int = 10) -> pd.DataFrame:
+    """The n cells holding the most errors, each with its share of its (split, head)'s errors: the
+    cells a training mix would aim at."""
+    cells = table[table["errors"] > 0].copy()
+    # Every feature partitions the same positions, so one feature's sum is the (split, head) total.
+    totals = cells[cells["feature"] == FEATURES[0]].groupby(["split", "head"])["errors"].sum()
+    cells["share"] = cells["errors"] / cells.set_index(["split", "head"]).index.map(totals)
+    return cells.sort_values(["errors", "error_rate"], ascending=False).head(n).reset_index(drop=True)
