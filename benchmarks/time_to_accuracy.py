@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--p-corrupt", type=float)
+    parser.add_argument("--p-noise-tail", type=float, help="fraction of walks that continue as noise (the profile's otherwise)")
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--bucketed", choices=("true", "false"), help="length-bucketed batches (the profile's otherwise)")
     parser.add_argument("--ema-decay", type=float, help="decay of the weights' moving average; 0 for none")
@@ -56,14 +57,15 @@ def main() -> None:
     args = parse_args()
     cfg = TrainConfig.from_profile(
         args.profile, seed=args.seed, threads=args.threads, max_steps=args.max_steps,
-        batch_size=args.batch_size, lr=args.lr, p_corrupt=args.p_corrupt, eval_every=args.eval_every,
+        batch_size=args.batch_size, lr=args.lr, p_corrupt=args.p_corrupt, p_noise_tail=args.p_noise_tail,
+        eval_every=args.eval_every,
         extra_steps=args.extra_steps, bucketed=args.bucketed and args.bucketed == "true", ema_decay=args.ema_decay,
     )
     out = args.out or RESULTS / f"time_to_accuracy-{cfg.profile}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     load_start = load_average()
     print(f"torch {torch.__version__}; load average at start {shown(load_start)} on {os.cpu_count()} CPUs")
     print(f"profile {cfg.profile}, seed {cfg.seed}, batch {cfg.batch_size}, lr {cfg.lr}, "
-          f"p_corrupt {cfg.p_corrupt}, bucketed {cfg.bucketed}, ema {cfg.ema_decay}, max {cfg.max_steps} steps, "
+          f"p_corrupt {cfg.p_corrupt}, p_noise_tail {cfg.p_noise_tail}, bucketed {cfg.bucketed}, ema {cfg.ema_decay}, max {cfg.max_steps} steps, "
           f"threads {cfg.threads or 'default'}")
 
     history: list[dict] = []

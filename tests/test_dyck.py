@@ -240,3 +240,27 @@ def test_from_params_ignores_other_params_that_share_the_prefix():
 def test_batch_spec_rejects_bad_fields(kwargs):
     with pytest.raises(ValueError):
         BatchSpec(**kwargs)
+
+
+
+def depth_at_first_violation(batch: Batch) -> torch.Tensor:
+    """[rows that break the grammar] their depth label where they first do (it stays so after)."""
+    broken = batch.valid.any(1)
+    first = batch.valid[broken].float().argmax(1, keepdim=True)
+    return batch.depth[broken].gather(1, first).flatten().float()
+
+
+def test_a_noise_tail_breaks_walks_deeper_than_uniform_noise_and_leaves_the_rest_alone():
+    plain = dyck.generate("train", 4096, seed=3)
+    assert torch.equal(dyck.generate("train", 4096, seed=3, p_noise_tail=0.0).tokens, plain.tokens)
+    tailed = dyck.generate("train", 4096, seed=3, p_noise_tail=0.5)
+    differs = plain.tokens != tailed.tokens
+    changed = differs.any(1)
+    # About half of the walks (half of the rows) change, each after a kept prefix; lengths stay.
+    assert 0.2 < changed.float().mean() < 0.3 and torch.equal(plain.mask, tailed.mask)
+    assert not plain.valid[changed].any() and (differs[changed].float().argmax(1) >= 2).all()
+    # Uniform noise (the invalid rows of the plain mix) breaks the grammar near depth 0; a walk with
+    # a noise tail breaks it where the walk was.
+    noise, tails = depth_at_first_violation(plain), depth_at_first_violation(tailed.select(changed))
+    assert noise.mean() < 1.5 and tails.mean() > noise.mean() + 2  # measured: 0.93 and 3.96
+    assert tailed.valid[changed].any(1).float().mean() > 0.8

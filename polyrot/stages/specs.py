@@ -78,6 +78,9 @@ TRAIN_SEED = Stage(
         Option("checkpoint_every", int, None, "steps between checkpoint artifacts", check=positive),
         Option("p_corrupt", float, None, "fraction of valid walks given one wrong-family closer",
                check=lambda v: None if 0 <= v <= 1 else "must lie in [0, 1]"),
+        Option("p_noise_tail", float, None, "fraction of the other valid walks that continue as uniform noise "
+               "from a random position (a violation deep in the stack, then a long tail)",
+               check=lambda v: None if 0 <= v <= 1 else "must lie in [0, 1]"),
         Option("bucketed", bool, None, "length-bucketed batches, the loss normalised per chunk (cpu: true; paper: "
                "false, every batch padded to the context)"),
         Option("ema_decay", float, None, "decay of the weights' moving average, kept when it evaluates better "

@@ -123,16 +123,21 @@ def _valid_walk(rng: np.random.Generator, n: int, length: int, p_open: float) ->
 
 
 def _mixture(rng: np.random.Generator, n: int, lo: int, hi: int, p_valid: float, p_open: float,
-             p_corrupt: float = 0.0):
+             p_corrupt: float = 0.0, p_noise_tail: float = 0.0):
     """Content and lengths for train/long: each row independently a valid walk or uniform noise.
 
     Independent per-row draws already interleave the two kinds, so no separate shuffle is needed.
     With p_corrupt > 0, that fraction of the walks gets one closer swapped for a closer of another
     family: a first violation inside a deep stack, which uniform noise almost never produces.
+    With p_noise_tail > 0, that fraction of the (other) walks continues as uniform noise from a
+    uniformly drawn position on: the row usually breaks the grammar there, at whatever depth the
+    walk had reached, and the depth label must then hold that depth through a long noise tail.
+    Uniform noise rows break it within a few tokens, at depth 0-2.
     """
     lengths = rng.integers(lo, hi + 1, size=n)
     is_walk = rng.random(n) < p_valid
     content = rng.integers(OPENERS[0], CLOSERS[-1] + 1, size=(n, MAX_CONTENT))
+    noise = content.copy() if p_noise_tail > 0 else None
     content[is_walk, :hi] = _valid_walk(rng, int(is_walk.sum()), hi, p_open)
     if p_corrupt > 0:
         in_length = np.arange(MAX_CONTENT)[None, :] < lengths[:, None]
@@ -144,6 +149,13 @@ def _mixture(rng: np.random.Generator, n: int, lo: int, hi: int, p_valid: float,
         shift = 2 * rng.integers(1, 3, size=rows.size)  # +1 or +2 families, mod 3
         old = content[rows, where[rows]]
         content[rows, where[rows]] = CLOSERS[0] + (old - CLOSERS[0] + shift) % 6
+    else:
+        corrupt = np.zeros(n, dtype=bool)
+    if p_noise_tail > 0:
+        tail = is_walk & ~corrupt & (rng.random(n) < p_noise_tail) & (lengths > 1)
+        start = rng.integers(1, np.maximum(lengths, 2))  # the tail's first position, inside the row
+        in_tail = tail[:, None] & (np.arange(MAX_CONTENT)[None, :] >= start[:, None])
+        content[in_tail] = noise[in_tail]
     return content, lengths
 
 
@@ -191,6 +203,7 @@ def generate(
     p_valid: float = 0.5,
     p_open: float = 0.55,
     p_corrupt: float = 0.0,
+    p_noise_tail: float = 0.0,
 ) -> Batch:
     """n labelled sequences of a split, determined entirely by seed.
 
@@ -201,8 +214,9 @@ def generate(
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
-    if not (0.0 <= p_valid <= 1.0 and 0.0 <= p_open <= 1.0 and 0.0 <= p_corrupt <= 1.0):
-        raise ValueError(f"p_valid, p_open and p_corrupt must lie in [0, 1], got {p_valid}, {p_open}, {p_corrupt}")
+    if not all(0.0 <= p <= 1.0 for p in (p_valid, p_open, p_corrupt, p_noise_tail)):
+        raise ValueError(f"p_valid, p_open, p_corrupt and p_noise_tail must lie in [0, 1], got {p_valid}, {p_open}, "
+                         f"{p_corrupt}, {p_noise_tail}")
     if split == "compositional" and length_range is not None:
         raise ValueError("the compositional split has a fixed length; length_range must be None")
     rng = np.random.default_rng(seed)
@@ -212,7 +226,7 @@ def generate(
         lo, hi = length_range if length_range is not None else DEFAULT_LENGTHS[split]
         if not 1 <= lo <= hi <= MAX_CONTENT:
             raise ValueError(f"length_range must satisfy 1 <= lo <= hi <= {MAX_CONTENT}, got ({lo}, {hi})")
-        content, lengths = _mixture(rng, n, lo, hi, p_valid, p_open, p_corrupt)
+        content, lengths = _mixture(rng, n, lo, hi, p_valid, p_open, p_corrupt, p_noise_tail)
     return label_tokens(_frame(content, lengths))
 
 

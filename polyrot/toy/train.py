@@ -54,13 +54,16 @@ class TrainingStream:
     ones (dyck.length_buckets, shuffled from (seed, i) too) the chunk's mean tokens per batch.
     """
 
-    def __init__(self, seed: int, p_corrupt: float = 0.0, rows_consumed: int = 0, bucketed: bool = False):
+    def __init__(self, seed: int, p_corrupt: float = 0.0, rows_consumed: int = 0, bucketed: bool = False,
+                 p_noise_tail: float = 0.0):
         self.seed, self.p_corrupt, self.rows, self.bucketed = seed, p_corrupt, rows_consumed, bucketed
+        self.p_noise_tail = p_noise_tail
         self._key, self._chunk, self._buckets, self._tokens = None, None, None, None
 
     def _load(self, index: int, batch_size: int) -> None:
         if self._key != (index, batch_size):
-            self._chunk = dyck.generate("train", CHUNK_ROWS, seed=[self.seed, index], p_corrupt=self.p_corrupt)
+            self._chunk = dyck.generate("train", CHUNK_ROWS, seed=[self.seed, index], p_corrupt=self.p_corrupt,
+                                        p_noise_tail=self.p_noise_tail)
             if self.bucketed:
                 self._buckets = dyck.length_buckets(self._chunk, batch_size, np.random.default_rng([self.seed, index]))
                 self._tokens = sum(int(b.mask.sum()) for b in self._buckets) / len(self._buckets)
@@ -224,7 +227,7 @@ def train(
                 else contextlib.nullcontext())
     model, opt = state.model, state.optimizer
     model.train()
-    stream = TrainingStream(cfg.seed, cfg.p_corrupt, state.rows_consumed, cfg.bucketed)
+    stream = TrainingStream(cfg.seed, cfg.p_corrupt, state.rows_consumed, cfg.bucketed, cfg.p_noise_tail)
     quick, confirm = EvalSets.build(cfg.eval_sequences), None
     trainable = [p for p in model.parameters() if p.requires_grad]
     started = time.perf_counter()
