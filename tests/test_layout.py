@@ -114,6 +114,16 @@ def test_imports_point_down_the_layers():
     assert sorted(upward) == []
 
 
+def test_no_module_imports_pickle():
+    # Tensors travel as safetensors and metadata as JSON; foreign checkpoints go through
+    # torch.load(weights_only=True), never through pickle itself.
+    found = {name for name, path in modules(PACKAGE).items() for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, (ast.Import, ast.ImportFrom))
+             and any(n.split(".")[0] == "pickle" for n in [getattr(node, "module", None) or ""]
+                     + [a.name for a in node.names])}
+    assert not found, found
+
+
 def python(code: str) -> str:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
