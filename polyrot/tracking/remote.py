@@ -21,6 +21,18 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether the MLflow server at `url` answers its (unauthenticated) health check."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
 def reason(exc: Exception) -> str:
     """The innermost cause of a failed connection (urllib3 nests it in a long sentence)."""
     text = str(exc)

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from polyrot.errors import TrackingServerError
+from polyrot.tracking import remote
 
 ADMIN = "admin"
 WORKSPACE = "default"  # MLflow's default workspace: clients that name none work in it
@@ -177,17 +178,6 @@ def _log_tail(directory: Path) -> str:
     return lines[-1].strip() if lines else "(no output)"
 
 
-def _healthy(url: str) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=5) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
-
-
 def start(directory: Path, timeout: float = 180.0) -> str:
     """Start the server in its own process group, wait until it answers, make sure the roles exist;
     return its URL."""
@@ -208,7 +198,7 @@ def start(directory: Path, timeout: float = 180.0) -> str:
                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=directory)
     (directory / "server.pid").write_text(f"{proc.pid}\n")
     deadline = time.time() + timeout
-    while not _healthy(config.url):
+    while not remote.answers(config.url, timeout=5):
         # A server that exits (a taken port, a database it cannot migrate) says why in its log.
         if proc.poll() is not None or time.time() > deadline:
             with contextlib.suppress(ProcessLookupError):
@@ -240,7 +230,8 @@ def status(directory: Path) -> dict:
     """{"running", "healthy", "url", "pid", "database"} of the server in `directory`."""
     config = load(directory)
     pid = _pid(directory)
-    return {"running": pid is not None, "healthy": bool(pid) and _healthy(config.url), "url": config.url, "pid": pid,
+    healthy = bool(pid) and remote.answers(config.url, timeout=5)
+    return {"running": pid is not None, "healthy": healthy, "url": config.url, "pid": pid,
             "database": config.database}
 
 
@@ -254,9 +245,7 @@ def _admin_request(url: str, password: str, endpoint: str, method: str, expected
     try:
         resp = http_request(creds, endpoint, method, max_retries=0, timeout=30, raise_on_status=False, **kwargs)
     except Exception as exc:  # noqa: BLE001 - a refused connection in any of its spellings
-        from polyrot.tracking.remote import reason
-
-        raise TrackingServerError(f"tracking server {url} is not reachable: {reason(exc)}") from None
+        raise TrackingServerError(f"tracking server {url} is not reachable: {remote.reason(exc)}") from None
     if resp.status_code == 401:
         raise TrackingServerError(f"tracking server {url} refused the admin's credentials ({ADMIN_PASSWORD_VAR} is wrong)")
     if resp.status_code not in expected:

@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
 from polyrot import tracking
 from polyrot.errors import PolyrotError
+from polyrot.tracking.remote import answers
 
 # MLflow 3.17's UI shows an experiment as GenAI (traces, latency, tokens) or as model training
 # (runs) by a switch it keeps per browser, GenAI by default, and not by the experiment's kind tag
@@ -38,15 +37,6 @@ def server_command(host: str = "127.0.0.1", port: int = 5000) -> list[str]:
     if tracking.tracking_uri() == tracking.default_tracking_uri():
         cmd += ["--default-artifact-root", tracking.artifact_root().as_uri(), "--serve-artifacts"]
     return cmd
-
-
-def answers(url: str) -> bool:
-    """Whether the MLflow server at `url` answers its health check."""
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
 
 
 def wait_until_up(url: str, timeout: float = 60.0, server: subprocess.Popen | None = None) -> None:
