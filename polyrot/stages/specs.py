@@ -98,7 +98,8 @@ TRAIN_SEED = Stage(
         Option("device", str, None, "cpu, cuda or cuda:N; default: CUDA when torch sees one (bf16 autocast there, "
                "as the paper), else the CPU"),
     ),
-    code_version="2",  # 2: bucketed batches and the EMA in the cpu profile; the best evaluated model kept
+    code_version="3",  # 2: bucketed batches and the EMA in the cpu profile; the best evaluated model kept;
+    # 3: p_noise_tail 0.25 in the cpu profile
 )
 
 
