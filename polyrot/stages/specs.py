@@ -99,7 +99,7 @@ TRAIN_SEED = Stage(
                "as the paper), else the CPU"),
     ),
     code_version="3",  # 2: bucketed batches and the EMA in the cpu profile; the best evaluated model kept;
-    # 3: p_noise_tail 0.25 in the cpu profile
+    # 3: p_noise_tail 0.25 in the cpu profile; a first-0.995 checkpoint
 )
 
 

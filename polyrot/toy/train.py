@@ -197,7 +197,8 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-MILESTONES = (0.99, 0.999, 0.9999)
+# Accuracy levels whose first confirmed checkpoint is kept (first-0.99, ...): claims along convergence.
+MILESTONES = (0.99, 0.995, 0.999, 0.9999)
 
 EvalCallback = Callable[[int, dict[str, float]], None]
 CheckpointCallback = Callable[[TrainState, str], None]
