@@ -277,6 +277,14 @@ def progress(count: int, total: int, node: Node, text: str) -> str:
     return f"[{count:>3}/{total}] {node.id:<24} {node.stage.name:<14} {text}"
 
 
+def skipped_note(run_id: str) -> str:
+    """", skipped: <why>" for a run that had nothing to compute (polyrot.stages.skip), else ""."""
+    from polyrot import tracking
+
+    why = tracking.configure().get_run(run_id).data.tags.get(tracking.TAG_SKIPPED)
+    return f", skipped: {why}" if why else ""
+
+
 def execute(exp: Experiment, *, experiment: str, parent_run: str, jobs: int = 1,
             executor: Executor = run_local, echo: Callable[[str], None] = print) -> Outcome:
     """Run the graph: reuse what matches, run the rest in dependency order, `jobs` at a time."""
@@ -308,7 +316,7 @@ def execute(exp: Experiment, *, experiment: str, parent_run: str, jobs: int = 1,
                 if found:
                     run_ids[node_id] = found
                     reused.append(node_id)
-                    echo(progress(done, total, node, f"reused {found}"))
+                    echo(progress(done, total, node, f"reused {found}{skipped_note(found)}"))
                     continue
                 echo(progress(len(run_ids) + len(running) + 1, total, node, f"running: {' '.join(cmd[2:])}"))
                 running[pool.submit(executor, cmd, env)] = node_id
@@ -322,7 +330,8 @@ def execute(exp: Experiment, *, experiment: str, parent_run: str, jobs: int = 1,
                     ran.append(node_id)
                     elapsed = time.perf_counter() - started
                     echo(progress(len(run_ids), total, exp.nodes[node_id],
-                                  f"finished {run_ids[node_id]} ({elapsed / 60:.1f} min so far)"))
+                                  f"finished {run_ids[node_id]} ({elapsed / 60:.1f} min so far)"
+                                  f"{skipped_note(run_ids[node_id])}"))
                 except Exception as exc:  # noqa: BLE001 — reported with the node's name below
                     failure = f"node {node_id} failed: {exc}"
     if failure:

@@ -11,6 +11,8 @@ Figures, from whatever the experiment ran:
   fig_which_map.png             audit.csv: held-out EV of each map per site (which map suffices)
   fig_power.png                 power.csv of audits run with --power-draws (power curves)
   fig_connectivity.png          connectivity.csv of each connectivity node (mode connectivity)
+  fig_convergence.png           the claims of nodes run at milestone checkpoints too, along convergence
+                                (polyrot.experiments.convergence; the table is convergence.csv)
 (one file per node where an experiment has several nodes of a kind: <figure>-<node>.png)
 """
 
@@ -25,11 +27,12 @@ from mlflow.entities import Run
 
 from polyrot import tracking
 from polyrot.errors import LineageError
-from polyrot.experiments import pipeline
+from polyrot.experiments import convergence, pipeline
 from polyrot.experiments.claims import Verdict, render_markdown
-from polyrot.experiments.verify import node_runs
+from polyrot.experiments.verify import node_metrics, node_runs
 from polyrot.figures.audit import checkpoint_curve, ev_by_site
 from polyrot.figures.bars import ig_vs_ap
+from polyrot.figures.convergence import claims_along_convergence
 from polyrot.figures.nulls import connectivity_curves, power_figure, which_map_chart
 from polyrot.figures.steering import effect_vs_alpha
 
@@ -53,6 +56,9 @@ CAPTIONS = {
                  "that depart from it, mean over sites with their range as a band.",
     "fig_connectivity": "Loss and min accuracy along each interpolation path between seeds, one line per pair and "
                         "path.",
+    "fig_convergence": "Each claim that is also measured at the seeds' milestone checkpoints: its value there and on "
+                       "the final weights (markers coloured by verdict, whiskers the range of its values), against "
+                       "the paper's interval.",
 }
 
 
@@ -67,11 +73,12 @@ def _csv(run_id: str, stage: str, path: str) -> pd.DataFrame:
     return pd.read_csv(tracking.fetch_artifact(run_id, path, stage=stage))
 
 
-def build_figures(exp: pipeline.Experiment, parent: Run) -> dict[str, object]:
+def build_figures(exp: pipeline.Experiment, parent: Run, along: pd.DataFrame) -> dict[str, object]:
     """{file name: matplotlib Figure, or the Path of a node's own figure} for every figure the
-    reproduction has data for."""
+    reproduction has data for; `along` is its claims along convergence."""
     client = tracking.configure()
-    runs = {node: client.get_run(rid) for node, rid in node_runs(parent).items()}
+    runs = {node: run for node, rid in node_runs(parent).items()
+            if tracking.TAG_SKIPPED not in (run := client.get_run(rid)).data.tags}
     by_stage: dict[str, list[str]] = {}
     for node in exp.order():
         if node in runs:
@@ -106,10 +113,13 @@ def build_figures(exp: pipeline.Experiment, parent: Run) -> dict[str, object]:
         table = _csv(runs[node].info.run_id, "steering", "steering.csv")
         out[name("fig4_steering", node, "steering")] = effect_vs_alpha(
             table, title=f"Steering transfer ({node})")
+    if along["value"].notna().any():
+        out["fig_convergence.png"] = claims_along_convergence(along, {c.id: c.bounds for c in exp.claims})
     return out
 
 
-def render(exp: pipeline.Experiment, parent: Run, verdicts: list[Verdict], figure_names: list[str]) -> str:
+def render(exp: pipeline.Experiment, parent: Run, verdicts: list[Verdict], figure_names: list[str],
+           along: pd.DataFrame) -> str:
     runs = node_runs(parent)
     lines = [
         f"# {exp.name}: reproduction report",
@@ -126,6 +136,10 @@ def render(exp: pipeline.Experiment, parent: Run, verdicts: list[Verdict], figur
         "",
         render_markdown(verdicts) if verdicts else "This experiment states no claims.",
         "",
+    ]
+    if len(along):
+        lines += ["## Claims along convergence", "", convergence.render_markdown(along, exp), ""]
+    lines += [
         "## Figures",
         "",
     ]
@@ -140,10 +154,14 @@ def write_report(exp: pipeline.Experiment, parent: Run, verdicts: list[Verdict],
                  log_to: tracking.StageRun | None = None) -> str:
     """Render the report and its figures onto the parent run; returns the report's local path
     when the artifact store is local, else its artifact URI."""
-    built = build_figures(exp, parent)
-    text = render(exp, parent, verdicts, list(built))
+    along = convergence.along(exp, node_metrics(parent)[0])
+    built = build_figures(exp, parent, along)
+    text = render(exp, parent, verdicts, list(built), along)
 
     def log(run: tracking.StageRun) -> None:
+        if len(along):
+            along.to_csv(run.path("report/convergence.csv"), index=False)
+            run.log_artifact("report/convergence.csv")
         for file, fig in built.items():
             if isinstance(fig, Path):
                 shutil.copyfile(fig, run.path(f"report/{file}"))

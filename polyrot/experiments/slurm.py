@@ -191,7 +191,7 @@ def execute(exp: pipeline.Experiment, *, experiment: str, parent_run: str | None
             if found:
                 run_ids[node_id] = found
                 reused.append(node_id)
-                echo(pipeline.progress(len(run_ids), total, node, f"reused {found}"))
+                echo(pipeline.progress(len(run_ids), total, node, f"reused {found}{pipeline.skipped_note(found)}"))
                 continue
             live = _in_flight(experiment, key)
             if live:
@@ -246,7 +246,8 @@ def _follow(exp, experiment: str, run_ids: dict[str, str], job_of: dict[str, str
                 finished += 1
                 ran.append(node_id)
                 echo(pipeline.progress(finished, total, node, f"finished {run_ids[node_id]} "
-                                       f"({(time.perf_counter() - started) / 60:.1f} min so far)"))
+                                       f"({(time.perf_counter() - started) / 60:.1f} min so far)"
+                                       f"{pipeline.skipped_note(run_ids[node_id])}"))
                 continue
             if run.info.status in (SCHEDULED, RUNNING):
                 # A job killed with SIGKILL (or never started) cannot close its own run.

@@ -13,6 +13,8 @@ the run of every node. `verify` reads those runs' metrics, evaluates the experim
 
 from __future__ import annotations
 
+import fnmatch
+
 from mlflow.entities import Run
 
 # A module import: pipeline -> stages -> reproduce -> verify runs while pipeline is half-built.
@@ -66,16 +68,29 @@ def node_runs(parent: Run) -> dict[str, str]:
     return {k[len(TAG_NODE):]: v for k, v in parent.data.tags.items() if k.startswith(TAG_NODE)}
 
 
-def node_metrics(parent: Run) -> dict[str, dict[str, float]]:
-    """{node id: that node's run's metrics} for every node of the reproduction."""
+def node_metrics(parent: Run) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """{node id: that node's run's metrics} for every node of the reproduction, and {node id: why
+    it was skipped} for the nodes that had nothing to compute (polyrot.stages.skip)."""
     client = tracking.configure()
-    return {node: client.get_run(rid).data.metrics for node, rid in node_runs(parent).items()}
+    runs = {node: client.get_run(rid) for node, rid in node_runs(parent).items()}
+    skipped = {node: run.data.tags[tracking.TAG_SKIPPED] for node, run in runs.items()
+               if tracking.TAG_SKIPPED in run.data.tags}
+    return {node: run.data.metrics for node, run in runs.items()}, skipped
+
+
+def explain_missing(verdict: Verdict, skipped: dict[str, str]) -> Verdict:
+    """A claim not measured because its node was skipped says why."""
+    if verdict.status == MISSING:
+        why = [f"{node} skipped: {reason}" for node, reason in skipped.items()
+               if fnmatch.fnmatchcase(node, verdict.claim.node)]
+        verdict.reason = "; ".join(why)
+    return verdict
 
 
 def verify(exp: pipeline.Experiment, parent: Run, log_to: tracking.StageRun | None = None) -> list[Verdict]:
     """Evaluate every claim of `exp` on the reproduction `parent`; record the verdicts on it."""
-    metrics = node_metrics(parent)
-    verdicts = [evaluate(claim, metrics) for claim in exp.claims]
+    metrics, skipped = node_metrics(parent)
+    verdicts = [explain_missing(evaluate(claim, metrics), skipped) for claim in exp.claims]
     if log_to is not None:
         record(verdicts, log_to)
     else:

@@ -104,8 +104,15 @@ class Stage:
     experiment_default: str = ""
 
     def run(self, params: dict) -> str:
-        """Run the stage on validated parameters (see parse); its module loads here, not before."""
-        return self.load().run({**params, "experiment": self.experiment_for(params)})
+        """Run the stage on validated parameters (see parse); its module loads here, not before.
+        On inputs it has nothing to compute on, it logs a skipped run instead (polyrot.stages.skip)."""
+        from polyrot.stages import skip
+
+        params = {**params, "experiment": self.experiment_for(params)}
+        why = skip.reason(self.input_runs(params), params.get("checkpoint"))
+        if why:
+            return skip.log_skipped(self.name, self.code_version, params, why)
+        return self.load().run(params)
 
     def load(self):
         return importlib.import_module(self.module or f"polyrot.stages.{self.name}")

@@ -129,7 +129,7 @@ def run(params: dict) -> str:
         run.log_json("train.json", {"recipe": cfg.to_dict(), "steps": state.step, "milestones": state.milestones,
                                     "first_crossing": state.first_crossing, "final": final,
                                     "final_weights": state.best and {"step": state.best.step, "source": state.best.source}})
-        run.set_tags({f"polyrot.milestone.{k}": v for k, v in state.milestones.items()})
+        run.set_tags({tracking.TAG_MILESTONE + k: v for k, v in state.milestones.items()})
         return run.run_id
 
 

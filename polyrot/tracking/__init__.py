@@ -63,6 +63,8 @@ TAG_SLURM_JOB = "polyrot.slurm_job_id"  # the Slurm job a run ran in (experiment
 # train_seed run to every stage that reads one).
 TAG_PROVIDES = "polyrot.provides"
 TAG_NODE = "polyrot.node."  # + node id, on a reproduction's parent run: the node's run ID
+TAG_SKIPPED = "polyrot.skipped"  # on a run that had nothing to compute (polyrot.stages.skip): why
+TAG_MILESTONE = "polyrot.milestone."  # + accuracy level, on a train_seed run: the step first confirming it
 
 # Parameters that say where and how a stage runs rather than what it computes, so they stay out of
 # the reuse key: seeds trained on a GPU are reused by an analysis on the CPU.
