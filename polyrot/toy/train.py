@@ -220,83 +220,115 @@ def train(
     on_checkpoint(state, tag) receives the state every checkpoint_every steps (tag "step-NNNNNN")
     and at each accuracy milestone (tag "first-0.99", ...), so a caller can persist them.
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(resolve_device(cfg.device))
-    move_state(state, device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    loop = SeedLoop(state, cfg, on_eval=on_eval, on_checkpoint=on_checkpoint, progress=progress)
     model, opt = state.model, state.optimizer
-    model.train()
-    stream = TrainingStream(cfg.seed, cfg.p_corrupt, state.rows_consumed, cfg.bucketed, cfg.p_noise_tail)
-    quick, confirm = EvalSets.build(cfg.eval_sequences), None
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    started = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not progress, desc=f"seed {cfg.seed}",
-               dynamic_ncols=True)
-    running_loss = None
-    while state.step < cfg.max_steps:
-        if state.first_crossing is not None and state.step >= state.first_crossing + cfg.extra_steps:
-            break
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, state.step)
-        batch, tokens = stream.next(cfg.batch_size)
-        batch = batch.to(device)
-        with autocast:
+    while not loop.done:
+        loop.set_learning_rate()
+        batch, tokens = loop.next_batch()
+        with loop.autocast:
             loss = loss_fn(model(batch.tokens), batch, tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        opt.step()
+        loop.clip_and_step()
+        loop.after_step(loss.item())
+    return loop.close()
+
+
+class SeedLoop:
+    """One seed's training loop around its gradient step: the learning rate, the data stream, and
+    after each step the EMA, evaluations, milestones, the best model and checkpoints. `train`
+    drives one; polyrot.toy.stacked drives several with one vmapped gradient step."""
+
+    def __init__(self, state: TrainState, cfg: TrainConfig, *, on_eval: EvalCallback | None = None,
+                 on_checkpoint: CheckpointCallback | None = None, progress: bool = True):
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.state, self.cfg, self.on_eval, self.on_checkpoint = state, cfg, on_eval, on_checkpoint
+        self.device = torch.device(resolve_device(cfg.device))
+        move_state(state, self.device)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else contextlib.nullcontext())
+        state.model.train()
+        self.stream = TrainingStream(cfg.seed, cfg.p_corrupt, state.rows_consumed, cfg.bucketed, cfg.p_noise_tail)
+        self.quick, self.confirm = EvalSets.build(cfg.eval_sequences), None
+        self.trainable = [p for p in state.model.parameters() if p.requires_grad]
+        self.started = time.perf_counter()
+        self.bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not progress, desc=f"seed {cfg.seed}",
+                        dynamic_ncols=True)
+        self.running_loss: float | None = None
+
+    @property
+    def done(self) -> bool:
+        state, cfg = self.state, self.cfg
+        return state.step >= cfg.max_steps or (
+            state.first_crossing is not None and state.step >= state.first_crossing + cfg.extra_steps)
+
+    def set_learning_rate(self) -> None:
+        for group in self.state.optimizer.param_groups:
+            group["lr"] = learning_rate(self.cfg, self.state.step)
+
+    def next_batch(self) -> tuple[dyck.Batch, float | None]:
+        batch, tokens = self.stream.next(self.cfg.batch_size)
+        return batch.to(self.device), tokens
+
+    def clip_and_step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
+        self.state.optimizer.step()
+
+    def after_step(self, loss: float) -> None:
+        state, cfg = self.state, self.cfg
         state.step += 1
-        state.rows_consumed = stream.rows
-        value = loss.item()
-        running_loss = value if running_loss is None else 0.98 * running_loss + 0.02 * value
-        bar.update(1)
-
+        state.rows_consumed = self.stream.rows
+        self.running_loss = loss if self.running_loss is None else 0.98 * self.running_loss + 0.02 * loss
+        self.bar.update(1)
         if state.ema is not None:
-            state.ema.update_parameters(model)
-
+            state.ema.update_parameters(state.model)
         if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
-            metrics = evaluate(model, quick)
-            state.chosen = "raw"
-            if state.ema is not None:
-                ema_metrics = evaluate(state.ema.module, quick)
-                metrics.update({f"ema.{k}": v for k, v in ema_metrics.items()})
-                if (ema_metrics["acc.min"], -total_loss(ema_metrics)) > (metrics["acc.min"], -total_loss(metrics)):
-                    state.chosen = "ema"
-                metrics["ema.chosen"] = float(state.chosen == "ema")
-            chosen = ema_metrics if state.chosen == "ema" else metrics
-            candidate = state.evaluated_model()
-            if chosen["acc.min"] >= min(MILESTONES[0], cfg.target_acc):
-                # The quick set cannot resolve 99.99%: confirm milestones on ~10^6 tokens per split.
-                confirm = confirm or EvalSets.build(cfg.confirm_sequences, seed=778)
-                metrics.update({f"confirm.{k}": v for k, v in evaluate(candidate, confirm).items()})
-            metrics["train.loss"] = running_loss
-            metrics["lr"] = learning_rate(cfg, state.step - 1)
-            metrics["wall_s"] = time.perf_counter() - started
-            confirmed = metrics.get("confirm.acc.min", 0.0)
-            key = (metrics.get("confirm.acc.min", -1.0), chosen["acc.min"], -total_loss(chosen))
-            if state.best is None or key > state.best.key:
-                state.best = Best(state.step, state.chosen, key,
-                                  {k: v.detach().to("cpu", copy=True) for k, v in candidate.state_dict().items()})
-            metrics["best.step"] = state.best.step
-            for m in MILESTONES:
-                if confirmed >= m and str(m) not in state.milestones:
-                    state.milestones[str(m)] = state.step
-                    if on_checkpoint:
-                        on_checkpoint(state, f"first-{m}")
-            if state.first_crossing is None and confirmed >= cfg.target_acc:
-                state.first_crossing = state.step
-            metrics["acc.min.confirmed"] = confirmed
-            if on_eval:
-                on_eval(state.step, metrics)
-            bar.set_postfix(loss=f"{running_loss:.4f}", min_acc=f"{chosen['acc.min']:.5f}")
-        if on_checkpoint and state.step % cfg.checkpoint_every == 0:
-            on_checkpoint(state, f"step-{state.step:06d}")
-    bar.close()
-    move_state(state, torch.device("cpu"))  # callers compare, save and evaluate on the CPU
-    return state
+            self._evaluate()
+        if self.on_checkpoint and state.step % cfg.checkpoint_every == 0:
+            self.on_checkpoint(state, f"step-{state.step:06d}")
+
+    def _evaluate(self) -> None:
+        state, cfg = self.state, self.cfg
+        metrics = evaluate(state.model, self.quick)
+        state.chosen = "raw"
+        if state.ema is not None:
+            ema_metrics = evaluate(state.ema.module, self.quick)
+            metrics.update({f"ema.{k}": v for k, v in ema_metrics.items()})
+            if (ema_metrics["acc.min"], -total_loss(ema_metrics)) > (metrics["acc.min"], -total_loss(metrics)):
+                state.chosen = "ema"
+            metrics["ema.chosen"] = float(state.chosen == "ema")
+        chosen = ema_metrics if state.chosen == "ema" else metrics
+        candidate = state.evaluated_model()
+        if chosen["acc.min"] >= min(MILESTONES[0], cfg.target_acc):
+            # The quick set cannot resolve 99.99%: confirm milestones on ~10^6 tokens per split.
+            self.confirm = self.confirm or EvalSets.build(cfg.confirm_sequences, seed=778)
+            metrics.update({f"confirm.{k}": v for k, v in evaluate(candidate, self.confirm).items()})
+        metrics["train.loss"] = self.running_loss
+        metrics["lr"] = learning_rate(cfg, state.step - 1)
+        metrics["wall_s"] = time.perf_counter() - self.started
+        confirmed = metrics.get("confirm.acc.min", 0.0)
+        key = (metrics.get("confirm.acc.min", -1.0), chosen["acc.min"], -total_loss(chosen))
+        if state.best is None or key > state.best.key:
+            state.best = Best(state.step, state.chosen, key,
+                              {k: v.detach().to("cpu", copy=True) for k, v in candidate.state_dict().items()})
+        metrics["best.step"] = state.best.step
+        for m in MILESTONES:
+            if confirmed >= m and str(m) not in state.milestones:
+                state.milestones[str(m)] = state.step
+                if self.on_checkpoint:
+                    self.on_checkpoint(state, f"first-{m}")
+        if state.first_crossing is None and confirmed >= cfg.target_acc:
+            state.first_crossing = state.step
+        metrics["acc.min.confirmed"] = confirmed
+        if self.on_eval:
+            self.on_eval(state.step, metrics)
+        self.bar.set_postfix(loss=f"{self.running_loss:.4f}", min_acc=f"{chosen['acc.min']:.5f}")
+
+    def close(self) -> TrainState:
+        self.bar.close()
+        move_state(self.state, torch.device("cpu"))  # callers compare, save and evaluate on the CPU
+        return self.state
 
 
 def move_state(state: TrainState, device: torch.device) -> None:
