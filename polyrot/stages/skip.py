@@ -29,6 +29,8 @@ def _is_seed(tags: dict[str, str]) -> bool:
 
 def reason(input_runs: list[str], checkpoint: str | None) -> str | None:
     """Why a stage on these input runs (at `checkpoint`) has nothing to compute, or None."""
+    if not input_runs:
+        return None
     client = tracking.configure()
     runs = [client.get_run(run_id) for run_id in input_runs]
     for run in runs:
