@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 import click
+from mlflow.exceptions import MlflowException
 
 from polyrot import tracking
 
@@ -32,7 +33,10 @@ def reason(input_runs: list[str], checkpoint: str | None) -> str | None:
     if not input_runs:
         return None
     client = tracking.configure()
-    runs = [client.get_run(run_id) for run_id in input_runs]
+    try:
+        runs = [client.get_run(run_id) for run_id in input_runs]
+    except MlflowException:
+        return None  # a run ID that names no run: the stage's own lineage check says so, in one line
     for run in runs:
         if tracking.TAG_SKIPPED in run.data.tags:
             return run.data.tags[tracking.TAG_SKIPPED]
