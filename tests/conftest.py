@@ -15,6 +15,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 TINY_TRAIN = dict(max_steps=40, eval_every=20, checkpoint_every=20, batch_size=32, eval_sequences=64,
                   confirm_sequences=64, threads=1)
+# The same recipe as an experiment file's profile entry: `train_seed: {TINY_TRAIN_YAML}`.
+TINY_TRAIN_YAML = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_TRAIN.items()) + "}"
 
 
 ROOT = Path(__file__).resolve().parents[1]

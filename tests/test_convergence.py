@@ -11,15 +11,14 @@ from polyrot.experiments import convergence, pipeline, verify
 from polyrot.experiments.claims import FAIL, MISSING, NO_POWER, PASS
 from polyrot.figures.convergence import claims_along_convergence
 from polyrot.stages import STAGES
-
-TINY = "max_steps: 40, eval_every: 20, checkpoint_every: 20, batch_size: 32, eval_sequences: 64, confirm_sequences: 64"
+from tests.conftest import TINY_TRAIN_YAML
 
 # A seed of 40 steps confirms no milestone, so everything at first-0.99 has nothing to read.
 MILESTONES = f"""\
 name: tiny-milestones
 profiles:
   cpu:
-    train_seed: {{{TINY}, threads: 1}}
+    train_seed: {TINY_TRAIN_YAML}
   paper: {{}}
 nodes:
   - id: seed0

@@ -16,8 +16,7 @@ from polyrot import tracking
 from polyrot.errors import PolyrotError
 from polyrot.experiments import pipeline
 from polyrot.stages import STAGES
-
-TINY = "max_steps: 40, eval_every: 20, checkpoint_every: 20, batch_size: 32, eval_sequences: 64, confirm_sequences: 64"
+from tests.conftest import TINY_TRAIN_YAML
 
 
 def write(tmp_path: Path, body: str, name: str = "exp.yaml") -> str:
@@ -30,7 +29,7 @@ GRAPH = f"""\
 name: tiny-cohort
 profiles:
   cpu:
-    train_seed: {{{TINY}, threads: 1}}
+    train_seed: {TINY_TRAIN_YAML}
   paper: {{}}
 nodes:
   - id: seed0
