@@ -46,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--bucketed", choices=("true", "false"), help="length-bucketed batches (the profile's otherwise)")
     parser.add_argument("--ema-decay", type=float, help="decay of the weights' moving average; 0 for none")
+    parser.add_argument("--late-batch-size", type=int, help="sequences per step late in training (0: none)")
+    parser.add_argument("--late-batch-from", type=float, help="fraction of --max-steps where the late batch starts")
     # The profile's extra steps after reaching the target only matter to a trained model's quality.
     parser.add_argument("--extra-steps", type=int, default=0,
                         help="steps to keep training after 99.99%% is confirmed (default 0: stop there)")
@@ -60,12 +62,14 @@ def main() -> None:
         batch_size=args.batch_size, lr=args.lr, p_corrupt=args.p_corrupt, p_noise_tail=args.p_noise_tail,
         eval_every=args.eval_every,
         extra_steps=args.extra_steps, bucketed=args.bucketed and args.bucketed == "true", ema_decay=args.ema_decay,
+        late_batch_size=args.late_batch_size, late_batch_from=args.late_batch_from,
     )
     out = args.out or RESULTS / f"time_to_accuracy-{cfg.profile}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     load_start = load_average()
     print(f"torch {torch.__version__}; load average at start {shown(load_start)} on {os.cpu_count()} CPUs")
     print(f"profile {cfg.profile}, seed {cfg.seed}, batch {cfg.batch_size}, lr {cfg.lr}, "
           f"p_corrupt {cfg.p_corrupt}, p_noise_tail {cfg.p_noise_tail}, bucketed {cfg.bucketed}, ema {cfg.ema_decay}, max {cfg.max_steps} steps, "
+          f"late batch {cfg.late_batch_size or '-'} from {cfg.late_batch_from:.0%}, "
           f"threads {cfg.threads or 'default'}")
 
     history: list[dict] = []
@@ -77,7 +81,7 @@ def main() -> None:
         own = {k: v for k, v in metrics.items() if k.startswith("acc.") and k.split(".")[1] in SPLITS}
         binding = min(own, key=own.get)[len("acc."):]
         ema = f"  ema {metrics['ema.acc.min']:.5f}" if "ema.acc.min" in metrics else ""
-        print(f"step {step:>6}  {metrics['wall_s']:>7.0f} s  loss {metrics['train.loss']:.4f}  "
+        print(f"step {step:>6}  {metrics['wall_s']:>7.0f} s  {metrics['sequences'] / 1e6:.3f}M seq  loss {metrics['train.loss']:.4f}  "
               f"min acc {metrics['acc.min']:.5f} ({binding}){ema}  confirmed {confirmed}", flush=True)
 
     state = train(new_state(cfg), cfg, on_eval=on_eval, progress=False)

@@ -14,6 +14,7 @@ from polyrot.toy.train import (
     CHUNK_ROWS,
     EvalSets,
     TrainingStream,
+    batch_size,
     checkpoint_payload,
     evaluate,
     learning_rate,
@@ -185,11 +186,36 @@ def test_evaluation_in_length_order_equals_the_padded_reference():
                 assert fast[f"loss.{split}.{h}"] == pytest.approx(float(F.cross_entropy(lg, y)), rel=1e-5)
 
 
-def test_a_bucketed_stream_refuses_a_batch_size_it_cannot_serve_from_its_position():
+def test_a_bucketed_stream_moves_to_the_next_chunk_when_the_batch_size_changes_mid_chunk():
     stream = TrainingStream(seed=0, bucketed=True)
     stream.next(96)
-    with pytest.raises(ValueError, match="cannot serve batches of 64"):
-        stream.next(64)
+    batch, tokens = stream.next(64)
+    assert stream.rows == CHUNK_ROWS + 64
+    # The batch is the next chunk's first bucket of 64, as a stream that starts there serves it.
+    fresh, fresh_tokens = TrainingStream(seed=0, bucketed=True, rows_consumed=CHUNK_ROWS).next(64)
+    assert torch.equal(batch.tokens, fresh.tokens) and tokens == fresh_tokens
+
+
+def test_the_late_batch_starts_at_its_fraction_of_the_budget():
+    cfg = TrainConfig.from_profile("cpu", max_steps=1000, batch_size=128, late_batch_size=512, late_batch_from=0.75)
+    assert [batch_size(cfg, s) for s in (0, 749, 750, 999)] == [128, 128, 512, 512]
+    assert batch_size(TrainConfig.from_profile("cpu"), 11_999) == 128  # off by default
+    with pytest.raises(ParameterError, match="late_batch_from"):
+        TrainConfig.from_profile("cpu", late_batch_from=1.5)
+
+
+def test_resume_across_the_batch_switch_reaches_identical_weights():
+    cfg = TrainConfig.from_profile("cpu", **{**TINY, "late_batch_size": 64, "late_batch_from": 0.25})
+    saved, history = {}, []
+    full = train(new_state(cfg), cfg, progress=False, on_eval=lambda step, m: history.append(m),
+                 on_checkpoint=lambda st, tag: saved.setdefault(tag, checkpoint_payload(st, cfg)))
+    assert [m["batch_size"] for m in history] == [64, 64]
+    # 15 steps of 32 rows, then a new chunk for the batches of 64 (8192 is no multiple of 32 + 64k).
+    assert history[-1]["sequences"] == CHUNK_ROWS + 45 * 64
+    resumed, resumed_cfg = restore_checkpoint(*saved["step-000030"])
+    train(resumed, resumed_cfg, progress=False)
+    a, b = weights(full), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_kept_model_is_the_best_evaluated_one_and_the_ema_can_win():

@@ -85,6 +85,10 @@ TRAIN_SEED = Stage(
                "false, every batch padded to the context)"),
         Option("ema_decay", float, None, "decay of the weights' moving average, kept when it evaluates better "
                "(cpu: 0.999; paper: 0, none)", check=lambda v: None if 0 <= v < 1 else "must lie in [0, 1)"),
+        Option("late_batch_size", int, None, "sequences per step from late_batch_from x max_steps on (0: batch_size "
+               "throughout, the default)", check=non_negative),
+        Option("late_batch_from", float, None, "fraction of max_steps after which late_batch_size applies "
+               "(default 0.75)", check=unit_interval),
         Option("eval_sequences", int, None, "held-out sequences per split at each evaluation (default 2048)",
                check=positive),
         Option("confirm_sequences", int, None, "held-out sequences per split that confirm a milestone and score "

@@ -36,6 +36,14 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def batch_size(cfg: TrainConfig, step: int) -> int:
+    """Sequences in the batch of `step`: cfg.batch_size, then late_batch_size once the step reaches
+    late_batch_from × max_steps."""
+    if cfg.late_batch_size and step >= cfg.late_batch_from * cfg.max_steps:
+        return cfg.late_batch_size
+    return cfg.batch_size
+
+
 def loss_fn(logits: dict[str, torch.Tensor], batch: dyck.Batch, tokens: float | None = None) -> torch.Tensor:
     """Sum over the three heads of the masked cross-entropy (PAD positions excluded): the mean over
     the batch's own tokens, or with `tokens` the sum over them divided by that fixed count."""
@@ -52,6 +60,8 @@ class TrainingStream:
     draws exactly the batches an uninterrupted run would have. `next` returns a batch and the
     token count its loss is normalised by: None (its own mean) for plain batches; for bucketed
     ones (dyck.length_buckets, shuffled from (seed, i) too) the chunk's mean tokens per batch.
+    Rows a batch cannot use (a chunk's tail, or a bucketed chunk's rest when the batch size
+    changes mid-chunk) are skipped rather than stitched, so the position stays the whole state.
     """
 
     def __init__(self, seed: int, p_corrupt: float = 0.0, rows_consumed: int = 0, bucketed: bool = False,
@@ -71,11 +81,9 @@ class TrainingStream:
 
     def next(self, batch_size: int) -> tuple[dyck.Batch, float | None]:
         start = self.rows % CHUNK_ROWS
-        if start + batch_size > CHUNK_ROWS:
-            self.rows += CHUNK_ROWS - start  # drop the tail rather than stitch chunks
+        if start + batch_size > CHUNK_ROWS or (self.bucketed and start % batch_size):
+            self.rows += CHUNK_ROWS - start
             return self.next(batch_size)
-        if self.bucketed and start % batch_size:
-            raise ValueError(f"a bucketed stream at row {start} of its chunk cannot serve batches of {batch_size}")
         self._load(self.rows // CHUNK_ROWS, batch_size)
         self.rows += batch_size
         if self.bucketed:
@@ -268,7 +276,7 @@ class SeedLoop:
             group["lr"] = learning_rate(self.cfg, self.state.step)
 
     def next_batch(self) -> tuple[dyck.Batch, float | None]:
-        batch, tokens = self.stream.next(self.cfg.batch_size)
+        batch, tokens = self.stream.next(batch_size(self.cfg, self.state.step))
         return batch.to(self.device), tokens
 
     def clip_and_step(self) -> None:
@@ -306,6 +314,8 @@ class SeedLoop:
             metrics.update({f"confirm.{k}": v for k, v in evaluate(candidate, self.confirm).items()})
         metrics["train.loss"] = self.running_loss
         metrics["lr"] = learning_rate(cfg, state.step - 1)
+        metrics["batch_size"] = batch_size(cfg, state.step - 1)
+        metrics["sequences"] = state.rows_consumed  # rows drawn from the stream, skipped ones included
         metrics["wall_s"] = time.perf_counter() - self.started
         confirmed = metrics.get("confirm.acc.min", 0.0)
         key = (metrics.get("confirm.acc.min", -1.0), chosen["acc.min"], -total_loss(chosen))
