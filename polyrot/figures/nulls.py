@@ -13,7 +13,8 @@ from polyrot.core.rotation import haar_angles
 # Wong colours, one per series kind.
 KIND_COLOURS = {"trained": "#009E73", "untrained": "#D55E00", "planted_same_model": "#0072B2", "planted_haar": "#999999",
                 "planted_angle": "#CC79A7"}
-STATISTIC_COLOURS = {"ks": "#E69F00", "frob": "#0072B2", "det_ks": "#D55E00", "det_frob": "#009E73"}
+STATISTIC_COLOURS = {"ks": "#E69F00", "ks_mc": "#56B4E9", "frob": "#0072B2", "det_ks": "#D55E00",
+                     "det_ks_mc": "#CC79A7", "det_frob": "#009E73"}
 PATH_COLOURS = {"unaligned": "#D55E00", "permuted": "#E69F00", "aligned": "#009E73"}
 
 

@@ -197,7 +197,7 @@ AUDIT = Stage(
                "activations at each internal site (0: none)", check=non_negative),
         THREADS,
     ),
-    code_version="2",
+    code_version="3",  # 3: the power curve has the Monte-Carlo KS p-values (ks_mc, det_ks_mc)
 )
 
 
