@@ -4,6 +4,9 @@ Trains with polyrot.toy.train directly (no MLflow). The accuracy is the minimum 
 output head, and a milestone counts once it is confirmed on ~10^6 tokens per split (the training
 loop's own confirmation); the wall time includes the loop's evaluations, as a real run's does.
 The eval history goes to benchmarks/results/ as JSON for plotting. A full run takes 20-60 min.
+With --from-checkpoint it continues a train_seed checkpoint under the recipe options given here
+(a changed tail on identical weights, data position and optimizer state: a paired comparison
+with the run that wrote the checkpoint).
 
     .venv/bin/python benchmarks/time_to_accuracy.py [--profile cpu] [--seed 0] [--threads 1] ...
 """
@@ -17,10 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from polyrot.toy.recipe import PROFILES, TrainConfig
 from polyrot.toy.task import HEADS, SPLITS
-from polyrot.toy.train import MILESTONES, new_state, train
+from polyrot.toy.train import MILESTONES, new_state, restore_checkpoint, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -36,7 +40,7 @@ def shown(load: list[float]) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="model seed (default 0)")
     parser.add_argument("--threads", type=int, help="torch threads (the profile's default otherwise)")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--batch-size", type=int)
@@ -51,19 +55,31 @@ def parse_args() -> argparse.Namespace:
     # The profile's extra steps after reaching the target only matter to a trained model's quality.
     parser.add_argument("--extra-steps", type=int, default=0,
                         help="steps to keep training after 99.99%% is confirmed (default 0: stop there)")
+    parser.add_argument("--from-checkpoint", type=Path,
+                        help="train_seed checkpoint .safetensors (its .json beside it) to continue from")
     parser.add_argument("--out", type=Path, help="JSON path (default: a new file in benchmarks/results/)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    cfg = TrainConfig.from_profile(
-        args.profile, seed=args.seed, threads=args.threads, max_steps=args.max_steps,
+    options = dict(
+        threads=args.threads, max_steps=args.max_steps,
         batch_size=args.batch_size, lr=args.lr, p_corrupt=args.p_corrupt, p_noise_tail=args.p_noise_tail,
         eval_every=args.eval_every,
         extra_steps=args.extra_steps, bucketed=args.bucketed and args.bucketed == "true", ema_decay=args.ema_decay,
         late_batch_size=args.late_batch_size, late_batch_from=args.late_batch_from,
     )
+    if args.from_checkpoint:
+        state, saved = restore_checkpoint(load_file(args.from_checkpoint),
+                                          json.loads(args.from_checkpoint.with_suffix(".json").read_text()))
+        # The seed draws the data stream and the EMA's decay is built into the state: both stay.
+        if args.seed not in (None, saved.seed) or args.ema_decay not in (None, saved.ema_decay):
+            raise SystemExit("--seed and --ema-decay cannot change for a run continued from a checkpoint")
+        cfg = TrainConfig.from_dict({**saved.to_dict(), **{k: v for k, v in options.items() if v is not None}})
+    else:
+        cfg = TrainConfig.from_profile(args.profile, seed=args.seed or 0, **options)
+        state = new_state(cfg)
     out = args.out or RESULTS / f"time_to_accuracy-{cfg.profile}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     load_start = load_average()
     print(f"torch {torch.__version__}; load average at start {shown(load_start)} on {os.cpu_count()} CPUs")
@@ -84,16 +100,20 @@ def main() -> None:
         print(f"step {step:>6}  {metrics['wall_s']:>7.0f} s  {metrics['sequences'] / 1e6:.3f}M seq  loss {metrics['train.loss']:.4f}  "
               f"min acc {metrics['acc.min']:.5f} ({binding}){ema}  confirmed {confirmed}", flush=True)
 
-    state = train(new_state(cfg), cfg, on_eval=on_eval, progress=False)
+    if args.from_checkpoint:
+        print(f"continued from {args.from_checkpoint} at step {state.step}")
+    state = train(state, cfg, on_eval=on_eval, progress=False)
     load_end = load_average()
 
     wall_at = {record["step"]: record["wall_s"] for record in history}
-    milestones = {str(m): {"step": state.milestones[str(m)], "wall_s": wall_at[state.milestones[str(m)]]}
+    # A milestone passed before --from-checkpoint has no wall time in this run.
+    milestones = {str(m): {"step": state.milestones[str(m)], "wall_s": wall_at.get(state.milestones[str(m)])}
                   for m in MILESTONES if str(m) in state.milestones}
     print(f"\nfinished at step {state.step}; min held-out accuracy confirmed on ~10^6 tokens per split:")
     for m in MILESTONES:
         reached = milestones.get(str(m))
-        when = f"step {reached['step']:>6}, {reached['wall_s']:>7.0f} s" if reached else "not reached"
+        when = "not reached" if not reached else f"step {reached['step']:>6}, " + (
+            f"{reached['wall_s']:>7.0f} s" if reached["wall_s"] is not None else "before the checkpoint")
         print(f"  {m:.2%}: {when}")
 
     last = history[-1]
@@ -107,7 +127,8 @@ def main() -> None:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "config": cfg.to_dict(), "torch": torch.__version__, "cpus": os.cpu_count(),
+        "config": cfg.to_dict(), "from_checkpoint": args.from_checkpoint and str(args.from_checkpoint),
+        "torch": torch.__version__, "cpus": os.cpu_count(),
         "load_average": {"start": load_start, "end": load_end}, "final_step": state.step,
         "milestones": milestones, "history": history,
     }, indent=1))
