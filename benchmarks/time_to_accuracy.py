@@ -47,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--p-corrupt", type=float)
     parser.add_argument("--p-noise-tail", type=float, help="fraction of walks that continue as noise (the profile's otherwise)")
+    parser.add_argument("--p-open-spread", type=float, help="spread of the walks' opening probability around 0.55")
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--bucketed", choices=("true", "false"), help="length-bucketed batches (the profile's otherwise)")
     parser.add_argument("--ema-decay", type=float, help="decay of the weights' moving average; 0 for none")
@@ -66,7 +67,7 @@ def main() -> None:
     options = dict(
         threads=args.threads, max_steps=args.max_steps,
         batch_size=args.batch_size, lr=args.lr, p_corrupt=args.p_corrupt, p_noise_tail=args.p_noise_tail,
-        eval_every=args.eval_every,
+        p_open_spread=args.p_open_spread, eval_every=args.eval_every,
         extra_steps=args.extra_steps, bucketed=args.bucketed and args.bucketed == "true", ema_decay=args.ema_decay,
         late_batch_size=args.late_batch_size, late_batch_from=args.late_batch_from,
     )
@@ -84,7 +85,7 @@ def main() -> None:
     load_start = load_average()
     print(f"torch {torch.__version__}; load average at start {shown(load_start)} on {os.cpu_count()} CPUs")
     print(f"profile {cfg.profile}, seed {cfg.seed}, batch {cfg.batch_size}, lr {cfg.lr}, "
-          f"p_corrupt {cfg.p_corrupt}, p_noise_tail {cfg.p_noise_tail}, bucketed {cfg.bucketed}, ema {cfg.ema_decay}, max {cfg.max_steps} steps, "
+          f"p_corrupt {cfg.p_corrupt}, p_noise_tail {cfg.p_noise_tail}, p_open_spread {cfg.p_open_spread}, bucketed {cfg.bucketed}, ema {cfg.ema_decay}, max {cfg.max_steps} steps, "
           f"late batch {cfg.late_batch_size or '-'} from {cfg.late_batch_from:.0%}, "
           f"threads {cfg.threads or 'default'}")
 
@@ -123,6 +124,12 @@ def main() -> None:
     print(f"  {'split':<14}" + "".join(f"{h:>10}" for h in HEADS))
     for split in SPLITS:
         print(f"  {split:<14}" + "".join(f"{last[f'{prefix}acc.{split}.{h}']:>10.5f}" for h in HEADS))
+    best = state.best and {"step": state.best.step, "source": state.best.source, "confirmed_min": state.best.key[0]}
+    if best:
+        confirmed = (f"confirmed min {best['confirmed_min']:.5f}" if best["confirmed_min"] >= 0
+                     else "not confirmed (its quick-set min stayed below 99%)")
+        print(f"\nkept model (highest min accuracy, the paper's choice): step {best['step']} ({best['source']}), "
+              f"{confirmed}")
     print(f"\nload average at start {shown(load_start)}, at end {shown(load_end)}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +137,7 @@ def main() -> None:
         "config": cfg.to_dict(), "from_checkpoint": args.from_checkpoint and str(args.from_checkpoint),
         "torch": torch.__version__, "cpus": os.cpu_count(),
         "load_average": {"start": load_start, "end": load_end}, "final_step": state.step,
-        "milestones": milestones, "history": history,
+        "kept": best, "milestones": milestones, "history": history,
     }, indent=1))
     print(f"eval history: {out}")
 

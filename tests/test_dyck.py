@@ -264,3 +264,17 @@ def test_a_noise_tail_breaks_walks_deeper_than_uniform_noise_and_leaves_the_rest
     noise, tails = depth_at_first_violation(plain), depth_at_first_violation(tailed.select(changed))
     assert noise.mean() < 1.5 and tails.mean() > noise.mean() + 2  # measured: 0.93 and 3.96
     assert tailed.valid[changed].any(1).float().mean() > 0.8
+
+
+def test_a_spread_of_the_opening_probability_draws_shallow_long_walks_and_leaves_the_default_alone():
+    plain = dyck.generate("train", 8192, seed=3)
+    assert torch.equal(dyck.generate("train", 8192, seed=3, p_open_spread=0.0).tokens, plain.tokens)
+    spread = dyck.generate("train", 8192, seed=3, p_open_spread=0.25)
+    assert torch.equal(plain.mask, spread.mask)  # the same lengths and the same walk / noise rows
+    walks = ~plain.valid.any(1)
+    assert torch.equal(walks, ~spread.valid.any(1))  # every walk stays valid
+    late_depth_0 = lambda b: int((b.mask & walks[:, None] & (b.depth == 0))[:, 56:].sum())
+    # The compositional split's last pairs sit at depth 0 at the end of the context: rare at 0.55.
+    assert late_depth_0(spread) > 2 * late_depth_0(plain)  # measured: 188 against 83
+    with pytest.raises(ValueError, match="p_open_spread"):
+        dyck.generate("train", 8, seed=0, p_open_spread=0.5)

@@ -104,8 +104,9 @@ def label_tokens(tokens: torch.Tensor) -> Batch:
     )
 
 
-def _valid_walk(rng: np.random.Generator, n: int, length: int, p_open: float) -> np.ndarray:
-    """[n, length] bracket ids that never break the grammar: open with p_open, else close the top."""
+def _valid_walk(rng: np.random.Generator, n: int, length: int, p_open: float | np.ndarray) -> np.ndarray:
+    """[n, length] bracket ids that never break the grammar: open with p_open (one value, or one per
+    row), else close the top."""
     u = rng.random((n, length))
     new_family = rng.integers(0, 3, size=(n, length))
     rows = np.arange(n)
@@ -123,7 +124,7 @@ def _valid_walk(rng: np.random.Generator, n: int, length: int, p_open: float) ->
 
 
 def _mixture(rng: np.random.Generator, n: int, lo: int, hi: int, p_valid: float, p_open: float,
-             p_corrupt: float = 0.0, p_noise_tail: float = 0.0):
+             p_corrupt: float = 0.0, p_noise_tail: float = 0.0, p_open_spread: float = 0.0):
     """Content and lengths for train/long: each row independently a valid walk or uniform noise.
 
     Independent per-row draws already interleave the two kinds, so no separate shuffle is needed.
@@ -133,12 +134,18 @@ def _mixture(rng: np.random.Generator, n: int, lo: int, hi: int, p_valid: float,
     uniformly drawn position on: the row usually breaks the grammar there, at whatever depth the
     walk had reached, and the depth label must then hold that depth through a long noise tail.
     Uniform noise rows break it within a few tokens, at depth 0-2.
+    With p_open_spread > 0, each walk draws its own opening probability uniformly from
+    p_open ± p_open_spread: shallow walks that keep returning to depth 0 late in a long row, and
+    deep ones that stay near MAX_DEPTH, both rare at the paper's single p_open of 0.55.
     """
     lengths = rng.integers(lo, hi + 1, size=n)
     is_walk = rng.random(n) < p_valid
     content = rng.integers(OPENERS[0], CLOSERS[-1] + 1, size=(n, MAX_CONTENT))
     noise = content.copy() if p_noise_tail > 0 else None
-    content[is_walk, :hi] = _valid_walk(rng, int(is_walk.sum()), hi, p_open)
+    n_walks = int(is_walk.sum())
+    if p_open_spread > 0:  # no draw otherwise, so that the default mix stays bit-identical
+        p_open = rng.uniform(p_open - p_open_spread, p_open + p_open_spread, size=n_walks)
+    content[is_walk, :hi] = _valid_walk(rng, n_walks, hi, p_open)
     if p_corrupt > 0:
         in_length = np.arange(MAX_CONTENT)[None, :] < lengths[:, None]
         closers = np.isin(content, CLOSERS) & in_length
@@ -204,11 +211,13 @@ def generate(
     p_open: float = 0.55,
     p_corrupt: float = 0.0,
     p_noise_tail: float = 0.0,
+    p_open_spread: float = 0.0,
 ) -> Batch:
     """n labelled sequences of a split, determined entirely by seed.
 
     length_range overrides the content-length range of train/long; the compositional split always
-    fills the context, so it takes no length_range, and ignores p_valid and p_open.
+    fills the context, so it takes no length_range, and ignores p_valid, p_open and the training
+    mix's levers (p_corrupt, p_noise_tail, p_open_spread: see _mixture).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -217,6 +226,8 @@ def generate(
     if not all(0.0 <= p <= 1.0 for p in (p_valid, p_open, p_corrupt, p_noise_tail)):
         raise ValueError(f"p_valid, p_open, p_corrupt and p_noise_tail must lie in [0, 1], got {p_valid}, {p_open}, "
                          f"{p_corrupt}, {p_noise_tail}")
+    if not 0.0 <= p_open_spread <= min(p_open, 1.0 - p_open):
+        raise ValueError(f"p_open_spread must keep p_open ± p_open_spread in [0, 1], got {p_open_spread}")
     if split == "compositional" and length_range is not None:
         raise ValueError("the compositional split has a fixed length; length_range must be None")
     rng = np.random.default_rng(seed)
@@ -226,7 +237,7 @@ def generate(
         lo, hi = length_range if length_range is not None else DEFAULT_LENGTHS[split]
         if not 1 <= lo <= hi <= MAX_CONTENT:
             raise ValueError(f"length_range must satisfy 1 <= lo <= hi <= {MAX_CONTENT}, got ({lo}, {hi})")
-        content, lengths = _mixture(rng, n, lo, hi, p_valid, p_open, p_corrupt, p_noise_tail)
+        content, lengths = _mixture(rng, n, lo, hi, p_valid, p_open, p_corrupt, p_noise_tail, p_open_spread)
     return label_tokens(_frame(content, lengths))
 
 

@@ -14,7 +14,7 @@ PAPER = dict(
     batch_size=512, max_steps=60_000, lr=3e-3, warmup_steps=500, min_lr_ratio=0.02,
     weight_decay=1e-4, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_every=500,
     target_acc=0.9999, extra_steps=10_000, checkpoint_every=5_000, p_corrupt=0.0, p_noise_tail=0.0,
-    bucketed=False, ema_decay=0.0, late_batch_size=0, late_batch_from=0.75,
+    p_open_spread=0.0, bucketed=False, ema_decay=0.0, late_batch_size=0, late_batch_from=0.75,
 )
 # The CPU default: the paper's optimiser and schedule shape, sized for 2 cores (see README). At
 # batch 128 the paper's peak lr of 3e-3 leaves the depth head noisy on long sequences, and the
@@ -55,6 +55,11 @@ class TrainConfig:
     # violation at the walk's depth, then a long tail. After the violation the depth label must hold
     # that depth; errors.csv of cpu-profile seeds puts most remaining errors there, 16+ positions on.
     p_noise_tail: float = CPU["p_noise_tail"]
+    # Half-width of the spread of each valid training walk's opening probability around the paper's
+    # 0.55 (0: every walk at 0.55). errors.csv of Cohort B seeds puts their remaining errors on the
+    # compositional split's depth, at depth 0 at the end of the context and inside deep nests: the
+    # shallow-but-long and the deep walks the single p_open rarely draws.
+    p_open_spread: float = CPU["p_open_spread"]
     # Length-bucketed batches: each chunk of the stream sorted by length, cut into batches trimmed
     # to their longest row, the batch order shuffled; each batch's token losses are summed and
     # divided by the chunk's mean tokens per batch, so every token of a chunk weighs the same. Off,
@@ -93,6 +98,8 @@ class TrainConfig:
             raise ParameterError(f"target_acc must be in (0, 1], got {self.target_acc}")
         if not all(0 <= p <= 1 for p in (self.min_lr_ratio, self.p_corrupt, self.p_noise_tail, self.late_batch_from)):
             raise ParameterError("min_lr_ratio, p_corrupt, p_noise_tail and late_batch_from must lie in [0, 1]")
+        if not 0 <= self.p_open_spread <= 0.45:
+            raise ParameterError(f"p_open_spread must lie in [0, 0.45] (p_open 0.55 ± it in [0, 1]), got {self.p_open_spread}")
         if not 0 <= self.ema_decay < 1:
             raise ParameterError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
 
