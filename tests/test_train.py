@@ -38,7 +38,7 @@ def test_paper_profile_is_the_papers_recipe():
     assert (cfg.batch_size, cfg.max_steps, cfg.lr, cfg.warmup_steps) == (512, 60_000, 3e-3, 500)
     assert (cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip) == (0.9, 0.95, 1e-4, 1.0)
     assert (cfg.min_lr_ratio, cfg.target_acc, cfg.extra_steps, cfg.eval_every) == (0.02, 0.9999, 10_000, 500)
-    assert PAPER["p_corrupt"] == PAPER["p_noise_tail"] == 0.0
+    assert PAPER["p_corrupt"] == PAPER["p_noise_tail"] == PAPER["p_open_spread"] == 0.0
 
 
 def test_schedule_warms_up_then_decays_to_two_percent():
