@@ -82,7 +82,8 @@ TRAIN_SEED = Stage(
                "from a random position (a violation deep in the stack, then a long tail)",
                check=lambda v: None if 0 <= v <= 1 else "must lie in [0, 1]"),
         Option("p_open_spread", float, None, "each valid walk's opening probability drawn from 0.55 ± this "
-               "(cpu: 0.25; paper: 0, 0.55 for all)", check=lambda v: None if 0 <= v <= 0.45 else "must lie in [0, 0.45]"),
+               "(cpu: 0.25; paper: 0, 0.55 for all)",
+               check=lambda v: None if 0 <= v <= 0.45 else "must lie in [0, 0.45]"),
         Option("bucketed", bool, None, "length-bucketed batches, the loss normalised per chunk (cpu: true; paper: "
                "false, every batch padded to the context)"),
         Option("ema_decay", float, None, "decay of the weights' moving average, kept when it evaluates better "

@@ -22,10 +22,10 @@ PAPER = dict(
 # a quarter of the valid walks get one such closer. A quarter of the rest break into noise at the
 # depth they reached, where errors.csv puts most remaining depth errors: on seed 0 over 25k steps
 # that cut the errors left at step 21,000 by 37% (benchmarks/README.md). Each walk's opening
-# probability is spread over 0.30-0.80 (p_open_spread): Cohort B's errors.csv put their last errors
-# on compositional depth, late in the context and deep in the nest, which the paper's single 0.55
-# rarely draws; from scratch it took seed 101 from 97.94% to 99.89% (benchmarks/README.md). Its batches are
-# length-bucketed (below).
+# probability is spread over 0.30-0.80 (p_open_spread): Cohort B's errors.csv put their last
+# errors on compositional depth, late in the context and deep in the nest, which the paper's
+# single 0.55 rarely draws; from scratch it took seed 101 from 97.94% to 99.89%
+# (benchmarks/README.md). Its batches are length-bucketed (below).
 CPU = dict(
     PAPER, batch_size=128, max_steps=12_000, lr=2e-3, eval_every=500,
     extra_steps=1_000, checkpoint_every=2_000, p_corrupt=0.25, p_noise_tail=0.25, p_open_spread=0.25,
@@ -59,9 +59,9 @@ class TrainConfig:
     # that depth; errors.csv of cpu-profile seeds puts most remaining errors there, 16+ positions on.
     p_noise_tail: float = CPU["p_noise_tail"]
     # Half-width of the spread of each valid training walk's opening probability around the paper's
-    # 0.55 (0: every walk at 0.55, as the paper). errors.csv of Cohort B seeds puts their remaining errors on the
-    # compositional split's depth, at depth 0 at the end of the context and inside deep nests: the
-    # shallow-but-long and the deep walks the single p_open rarely draws.
+    # 0.55 (0: every walk at 0.55, as the paper). errors.csv of Cohort B seeds puts their remaining
+    # errors on the compositional split's depth, at depth 0 at the end of the context and inside
+    # deep nests: the shallow-but-long and the deep walks the single p_open rarely draws.
     p_open_spread: float = CPU["p_open_spread"]
     # Length-bucketed batches: each chunk of the stream sorted by length, cut into batches trimmed
     # to their longest row, the batch order shuffled; each batch's token losses are summed and
@@ -102,7 +102,7 @@ class TrainConfig:
         if not all(0 <= p <= 1 for p in (self.min_lr_ratio, self.p_corrupt, self.p_noise_tail, self.late_batch_from)):
             raise ParameterError("min_lr_ratio, p_corrupt, p_noise_tail and late_batch_from must lie in [0, 1]")
         if not 0 <= self.p_open_spread <= 0.45:
-            raise ParameterError(f"p_open_spread must lie in [0, 0.45] (p_open 0.55 ± it in [0, 1]), got {self.p_open_spread}")
+            raise ParameterError(f"p_open_spread must lie in [0, 0.45] (0.55 ± it in [0, 1]), got {self.p_open_spread}")
         if not 0 <= self.ema_decay < 1:
             raise ParameterError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
 
