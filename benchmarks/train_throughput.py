@@ -35,11 +35,11 @@ from polyrot.toy.model import HEADS, DyckTransformer, ModelConfig
 from polyrot.toy.recipe import TrainConfig
 from polyrot.toy.train import (
     CHUNK_ROWS,
-    EvalSets,
     TrainingStream,
     evaluate,
     loss_fn,
     make_optimizer,
+    quick_sets,
 )
 
 
@@ -241,7 +241,7 @@ def main() -> None:
     generation_s = chunk_generation_seconds(args.seed, cfg.p_corrupt)
     print(f"data generation: {generation_s:.3f} s per {CHUNK_ROWS}-sequence TrainingStream chunk")
 
-    quick = EvalSets.build(cfg.eval_sequences)
+    quick = quick_sets(cfg)
     print(f"\ntokens/s are non-PAD tokens; x ref: the median over rounds of the throughput ratio to the "
           f"reference in the same round; eval share: one quick evaluation ({cfg.eval_sequences} sequences per "
           f"split) against {cfg.eval_every} steps of the bucketed step")

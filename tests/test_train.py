@@ -20,6 +20,7 @@ from polyrot.toy.train import (
     learning_rate,
     loss_fn,
     new_state,
+    quick_sets,
     restore_checkpoint,
     total_loss,
     train,
@@ -228,8 +229,24 @@ def test_the_kept_model_is_the_best_evaluated_one_and_the_ema_can_win():
               if m["ema.chosen"] else (m["acc.min"], -total_loss(m)) for s, m in history}
     best_step = max(scored, key=lambda s: scored[s])
     assert state.best.step == best_step and state.best.key[1:] == scored[best_step]
-    kept = evaluate(state.best_model(), EvalSets.build(cfg.eval_sequences))
+    kept = evaluate(state.best_model(), quick_sets(cfg))
     assert kept["acc.min"] == state.best.key[1]
+
+
+def test_the_quick_crossing_is_the_first_unconfirmed_reading_of_the_target_and_resumes():
+    cfg = TrainConfig.from_profile("cpu", **{**TINY, "max_steps": 90})
+    history = []
+    train(new_state(cfg), cfg, progress=False, on_eval=lambda step, m: history.append((step, m)))
+    chosen = {s: m["ema.acc.min"] if m["ema.chosen"] else m["acc.min"] for s, m in history}
+    # A target the quick set first reads at the second or third evaluation, never at the first.
+    target = max(chosen[60], chosen[90])
+    assert chosen[30] < target < 1
+    cfg = TrainConfig.from_profile("cpu", **{**TINY, "max_steps": 90, "target_acc": target})
+    saved = {}
+    state = train(new_state(cfg), cfg, progress=False,
+                  on_checkpoint=lambda st, tag: saved.setdefault(tag, checkpoint_payload(st, cfg)))
+    assert state.quick_crossing == min(s for s in (60, 90) if chosen[s] >= target)
+    assert restore_checkpoint(*saved["step-000090"])[0].quick_crossing == state.quick_crossing
 
 
 def test_the_ema_leaves_frozen_tensors_bit_identical():

@@ -17,6 +17,10 @@ from safetensors.torch import load_file
 from polyrot import tracking
 from polyrot.stages import STAGES
 from polyrot.stages.train_seed import load_seed
+from polyrot.toy import train as train_module
+from polyrot.toy.error_analysis import error_table
+from polyrot.toy.recipe import TrainConfig
+from polyrot.toy.train import confirm_sets
 from polyrot.toy.model import SHARED_IO
 from tests.conftest import TINY_TRAIN, cli, one_line_error
 
@@ -51,6 +55,10 @@ def test_a_run_records_params_metrics_artifacts_and_provenance(seed_run):
     state = json.loads((artifacts / "checkpoints/step-000020.json").read_text())
     assert state["step"] == 20 and state["rows_consumed"] == 20 * 32
     # The error table counts the confirmation sets' positions and the final evaluation's errors.
+    # The kept model on the quick set too: the paper's own early stop reads a set of that size.
+    assert 0 <= metrics["final.quick.acc.min"] <= 1 and metrics["final.quick.acc.min"] != metrics["final.acc.min"]
+    summary = json.loads((artifacts / "train.json").read_text())
+    assert summary["final_quick"]["acc.min"] == metrics["final.quick.acc.min"] and "quick_crossing" in summary
     errors = pd.read_csv(artifacts / "errors.csv")
     depth = errors[(errors["feature"] == "depth") & (errors["split"] == "long") & (errors["head"] == "valid")]
     wrong = depth["errors"].sum() / depth["positions"].sum()
@@ -67,6 +75,20 @@ def test_cohort_a_keeps_the_shared_io_bit_identical(seed_run):
     for key in SHARED_IO:
         assert torch.equal(source[key], trained[key]), key
     assert not torch.equal(source["blocks.0.mlp.W_in"], trained["blocks.0.mlp.W_in"])
+
+
+def test_each_milestone_checkpoint_has_its_error_table(store, monkeypatch):
+    # A 40-step seed confirms no real milestone; a level of 0 is confirmed at the first evaluation.
+    monkeypatch.setattr(train_module, "MILESTONES", (0.0,))
+    run_id = STAGES["train_seed"](seed=8, experiment="tests", **TINY_TRAIN)
+    artifacts = tracking.artifact_dir(run_id)
+    assert MlflowClient().get_run(run_id).data.tags[tracking.TAG_MILESTONE + "0.0"] == "20"
+    errors = pd.read_csv(artifacts / "checkpoints/first-0.0.errors.csv")
+    assert set(errors["split"]) == {"train", "compositional", "long"} and errors["errors"].sum() > 0
+    # It scores the milestone's model, not the kept one: the step-20 weights give the same table.
+    model = load_seed(run_id, "first-0.0")
+    confirm = confirm_sets(TrainConfig.from_profile("cpu", **TINY_TRAIN))
+    pd.testing.assert_frame_equal(errors, error_table(model, confirm.batches), check_dtype=False)
 
 
 def test_killed_run_resumes_to_the_uninterrupted_weights(store):

@@ -105,8 +105,9 @@ TRAIN_SEED = Stage(
         Option("device", str, None, "cpu, cuda or cuda:N; default: CUDA when torch sees one (bf16 autocast there, "
                "as the paper), else the CPU"),
     ),
-    code_version="4",  # 2: bucketed batches and the EMA in the cpu profile; the best evaluated model kept;
-    # 3: p_noise_tail 0.25 in the cpu profile; a first-0.995 checkpoint; 4: p_open_spread 0.25 in it
+    code_version="5",  # 2: bucketed batches and the EMA in the cpu profile; the best evaluated model kept;
+    # 3: p_noise_tail 0.25 in the cpu profile; a first-0.995 checkpoint; 4: p_open_spread 0.25 in it;
+    # 5: final.quick.* metrics, the quick crossing, an error table at each milestone (same weights as 4)
 )
 
 

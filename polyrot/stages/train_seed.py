@@ -2,13 +2,19 @@
 
 Artifacts (the contract later stages read):
   model.safetensors, config.json          the best evaluated weights (+ W_pos buffer) and the model config
-  train.json                              the resolved recipe, milestones and final evaluation
+  train.json                              the resolved recipe, milestones, the paper's early-stop step
+                                          (quick_crossing) and the final evaluation
   errors.csv                              where the kept model is still wrong on the confirmation sets
                                           (polyrot.toy.error_analysis: split, head, depth, distance
                                           from the first violation, position)
   checkpoints/step-NNNNNN.safetensors     model + optimizer tensors, every checkpoint_every steps
   checkpoints/step-NNNNNN.json            step, data-stream position, optimizer groups, recipe
-  checkpoints/first-0.99.*                the first checkpoint confirmed at each accuracy milestone
+  checkpoints/first-0.99.*                the first checkpoint confirmed at each accuracy milestone,
+                                          with its own errors.csv (first-0.99.errors.csv)
+
+Metrics final.* score the kept model on the confirmation sets (~10^6 tokens a split), final.quick.*
+on the quick set that every evaluation reads: at its default 2,048 sequences a split, the size of
+the paper's own evaluation (8 batches of 256), which its early stop reads once, unconfirmed.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from polyrot.toy.error_analysis import error_table
 from polyrot.toy.model import SHARED_IO, load_model, save_model
 from polyrot.toy.recipe import TrainConfig
 from polyrot.toy.train import (
-    EvalSets,
     checkpoint_payload,
+    confirm_sets,
     evaluate,
     new_state,
+    quick_sets,
     restore_checkpoint,
     train,
 )
@@ -98,12 +105,18 @@ def run(params: dict) -> str:
         def on_eval(step: int, metrics: dict) -> None:
             run.log_metrics(metrics, step)
 
+        confirm = confirm_sets(cfg)
+
         def on_checkpoint(st, tag: str) -> None:
             tensors, meta = checkpoint_payload(st, cfg)
             save_file(tensors, run.path(f"checkpoints/{tag}.safetensors"))
             run.path(f"checkpoints/{tag}.json").write_text(json.dumps(meta))
             run.log_artifact(f"checkpoints/{tag}.safetensors")
             run.log_artifact(f"checkpoints/{tag}.json")
+            if tag.startswith("first-"):  # where a milestone's model is wrong aims the next training-mix lever
+                error_table(st.evaluated_model(), confirm.batches).to_csv(run.path(f"checkpoints/{tag}.errors.csv"),
+                                                                          index=False)
+                run.log_artifact(f"checkpoints/{tag}.errors.csv")
 
         state = train(state, cfg, on_eval=on_eval, on_checkpoint=on_checkpoint)
         if state.step % cfg.checkpoint_every:
@@ -111,9 +124,10 @@ def run(params: dict) -> str:
 
         # The model a seed keeps is its best evaluated one (the paper's choice), the EMA's if that won.
         model = state.best_model()
-        confirm = EvalSets.build(cfg.confirm_sequences, seed=778)
         final = evaluate(model, confirm)
-        run.log_metrics({f"final.{k}": v for k, v in final.items()}, state.step)
+        quick = evaluate(model, quick_sets(cfg))
+        run.log_metrics({f"final.{k}": v for k, v in final.items()} | {f"final.quick.{k}": v for k, v in quick.items()},
+                        state.step)
         if state.best is not None:
             run.set_tags({"polyrot.final_step": state.best.step, "polyrot.final_weights": state.best.source})
         if shared is not None:
@@ -127,7 +141,8 @@ def run(params: dict) -> str:
         error_table(model, confirm.batches).to_csv(run.path("errors.csv"), index=False)
         run.log_artifact("errors.csv")
         run.log_json("train.json", {"recipe": cfg.to_dict(), "steps": state.step, "milestones": state.milestones,
-                                    "first_crossing": state.first_crossing, "final": final,
+                                    "first_crossing": state.first_crossing, "quick_crossing": state.quick_crossing,
+                                    "final": final, "final_quick": quick,
                                     "final_weights": state.best and {"step": state.best.step, "source": state.best.source}})
         run.set_tags({tracking.TAG_MILESTONE + k: v for k, v in state.milestones.items()})
         return run.run_id

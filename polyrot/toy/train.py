@@ -102,6 +102,16 @@ class EvalSets:
         return cls({s: dyck.generate(s, n_sequences, seed=[seed, i]) for i, s in enumerate(task.SPLITS)})
 
 
+def quick_sets(cfg: TrainConfig) -> EvalSets:
+    """What every evaluation reads: eval_sequences a split (by default 2,048, the paper's 8 x 256)."""
+    return EvalSets.build(cfg.eval_sequences)
+
+
+def confirm_sets(cfg: TrainConfig) -> EvalSets:
+    """What confirms a milestone and scores the kept model: confirm_sequences a split (~10^6 tokens)."""
+    return EvalSets.build(cfg.confirm_sequences, seed=778)
+
+
 @torch.no_grad()
 def evaluate(model: DyckTransformer, sets: EvalSets, chunk: int = 128) -> dict[str, float]:
     """Per-split, per-head accuracy and loss over non-PAD positions, and their minimum accuracy.
@@ -152,6 +162,9 @@ class TrainState:
     step: int = 0
     rows_consumed: int = 0
     first_crossing: int | None = None           # step at which target_acc was first confirmed
+    # Step at which the quick set first read target_acc: the paper's early stop, which reads one
+    # evaluation of 8 x 256 sequences a split (our quick set's default size) and confirms nothing.
+    quick_crossing: int | None = None
     milestones: dict[str, int] = field(default_factory=dict)  # "0.99" -> first step reaching it
     ema: AveragedModel | None = None            # exponential moving average of the weights
     chosen: str = "raw"                          # the weights the latest evaluation picked
@@ -259,7 +272,7 @@ class SeedLoop:
         state.model.train()
         self.stream = TrainingStream(cfg.seed, cfg.p_corrupt, state.rows_consumed, cfg.bucketed, cfg.p_noise_tail,
                                      cfg.p_open_spread)
-        self.quick, self.confirm = EvalSets.build(cfg.eval_sequences), None
+        self.quick, self.confirm = quick_sets(cfg), None
         self.trainable = [p for p in state.model.parameters() if p.requires_grad]
         self.started = time.perf_counter()
         self.bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not progress, desc=f"seed {cfg.seed}",
@@ -311,7 +324,7 @@ class SeedLoop:
         candidate = state.evaluated_model()
         if chosen["acc.min"] >= min(MILESTONES[0], cfg.target_acc):
             # The quick set cannot resolve 99.99%: confirm milestones on ~10^6 tokens per split.
-            self.confirm = self.confirm or EvalSets.build(cfg.confirm_sequences, seed=778)
+            self.confirm = self.confirm or confirm_sets(cfg)
             metrics.update({f"confirm.{k}": v for k, v in evaluate(candidate, self.confirm).items()})
         metrics["train.loss"] = self.running_loss
         metrics["lr"] = learning_rate(cfg, state.step - 1)
@@ -331,6 +344,8 @@ class SeedLoop:
                     self.on_checkpoint(state, f"first-{m}")
         if state.first_crossing is None and confirmed >= cfg.target_acc:
             state.first_crossing = state.step
+        if state.quick_crossing is None and chosen["acc.min"] >= cfg.target_acc:
+            state.quick_crossing = state.step
         metrics["acc.min.confirmed"] = confirmed
         if self.on_eval:
             self.on_eval(state.step, metrics)
@@ -379,7 +394,7 @@ def checkpoint_payload(state: TrainState, cfg: TrainConfig) -> tuple[dict[str, t
     best = state.best and {"step": state.best.step, "source": state.best.source, "key": list(state.best.key)}
     meta = {
         "step": state.step, "rows_consumed": state.rows_consumed, "first_crossing": state.first_crossing,
-        "milestones": state.milestones, "chosen": state.chosen, "best": best,
+        "quick_crossing": state.quick_crossing, "milestones": state.milestones, "chosen": state.chosen, "best": best,
         "train_config": cfg.to_dict(), "optimizer": opt_meta,
         "model_config": state.model.cfg.to_dict(),
         "frozen": [n for n, p in state.model.named_parameters() if not p.requires_grad],
@@ -403,6 +418,7 @@ def restore_checkpoint(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[Tr
         best = Best(best["step"], best["source"], tuple(best["key"]),
                     {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")})
     state = TrainState(model, opt, step=meta["step"], rows_consumed=meta["rows_consumed"],
-                       first_crossing=meta["first_crossing"], milestones=dict(meta["milestones"]), ema=ema,
+                       first_crossing=meta["first_crossing"], quick_crossing=meta.get("quick_crossing"),
+                       milestones=dict(meta["milestones"]), ema=ema,
                        chosen=meta.get("chosen", "raw"), best=best)
     return state, cfg
