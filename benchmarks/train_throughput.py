@@ -159,12 +159,12 @@ def check_same_training(seed: int, cfg: TrainConfig, batches: list[Batch], toler
     return gap
 
 
-def chunk_generation_seconds(seed: int, p_corrupt: float, repeats: int = 3) -> float:
+def chunk_generation_seconds(seed: int, mix: dict[str, float], repeats: int = 3) -> float:
     """Median time for TrainingStream to generate one fresh chunk of CHUNK_ROWS sequences."""
     times = []
     for i in range(repeats):
         # A stream positioned at the start of chunk i has not generated it yet: next() must.
-        stream = TrainingStream(seed, p_corrupt, rows_consumed=i * CHUNK_ROWS)
+        stream = TrainingStream(seed, rows_consumed=i * CHUNK_ROWS, **mix)
         start = time.perf_counter()
         stream.next(1)
         times.append(time.perf_counter() - start)
@@ -234,11 +234,11 @@ def main() -> None:
     cfg = TrainConfig.from_profile("cpu", seed=args.seed)
 
     print(f"torch {torch.__version__}; load average at start: {load_average()}")
-    stream = TrainingStream(args.seed, cfg.p_corrupt)
+    stream = TrainingStream(args.seed, **cfg.mix())
     gap = check_same_training(args.seed, cfg, [stream.next(64)[0] for _ in range(CHECK_STEPS)])
     print(f"same function: {CHECK_STEPS} training steps from the same weights, largest loss gap {gap:.1e}")
     # Generation is numpy, which torch's thread count does not touch: one measurement serves all.
-    generation_s = chunk_generation_seconds(args.seed, cfg.p_corrupt)
+    generation_s = chunk_generation_seconds(args.seed, cfg.mix())
     print(f"data generation: {generation_s:.3f} s per {CHUNK_ROWS}-sequence TrainingStream chunk")
 
     quick = quick_sets(cfg)
@@ -251,8 +251,8 @@ def main() -> None:
         for batch_size in args.batch_sizes:
             print("\n" + header + "\n" + "-" * len(header))
             steps = max(1, args.steps * max(args.batch_sizes) // batch_size)
-            padded_stream, bucketed_stream = TrainingStream(args.seed, cfg.p_corrupt), TrainingStream(
-                args.seed, cfg.p_corrupt, bucketed=True)
+            padded_stream = TrainingStream(args.seed, **cfg.mix())
+            bucketed_stream = TrainingStream(args.seed, bucketed=True, **cfg.mix())
             padded = [padded_stream.next(batch_size) for _ in range(steps)]
             bucketed = [bucketed_stream.next(batch_size) for _ in range(steps)]
             model = DyckTransformer(seed=args.seed)

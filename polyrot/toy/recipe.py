@@ -114,6 +114,10 @@ class TrainConfig:
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(profile=profile, **base)
 
+    def mix(self) -> dict[str, float]:
+        """The training mix's levers, as polyrot.toy.dyck.generate takes them."""
+        return {k: getattr(self, k) for k in ("p_corrupt", "p_noise_tail", "p_open_spread")}
+
     def to_dict(self) -> dict:
         return asdict(self)
 

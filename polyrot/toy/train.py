@@ -64,16 +64,14 @@ class TrainingStream:
     changes mid-chunk) are skipped rather than stitched, so the position stays the whole state.
     """
 
-    def __init__(self, seed: int, p_corrupt: float = 0.0, rows_consumed: int = 0, bucketed: bool = False,
-                 p_noise_tail: float = 0.0, p_open_spread: float = 0.0):
-        self.seed, self.p_corrupt, self.rows, self.bucketed = seed, p_corrupt, rows_consumed, bucketed
-        self.p_noise_tail, self.p_open_spread = p_noise_tail, p_open_spread
+    def __init__(self, seed: int, rows_consumed: int = 0, bucketed: bool = False, **mix: float):
+        # mix: dyck.generate's training-mix levers (TrainConfig.mix())
+        self.seed, self.rows, self.bucketed, self.mix = seed, rows_consumed, bucketed, mix
         self._key, self._chunk, self._buckets, self._tokens = None, None, None, None
 
     def _load(self, index: int, batch_size: int) -> None:
         if self._key != (index, batch_size):
-            self._chunk = dyck.generate("train", CHUNK_ROWS, seed=[self.seed, index], p_corrupt=self.p_corrupt,
-                                        p_noise_tail=self.p_noise_tail, p_open_spread=self.p_open_spread)
+            self._chunk = dyck.generate("train", CHUNK_ROWS, seed=[self.seed, index], **self.mix)
             if self.bucketed:
                 self._buckets = dyck.length_buckets(self._chunk, batch_size, np.random.default_rng([self.seed, index]))
                 self._tokens = sum(int(b.mask.sum()) for b in self._buckets) / len(self._buckets)
@@ -270,8 +268,7 @@ class SeedLoop:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
         state.model.train()
-        self.stream = TrainingStream(cfg.seed, cfg.p_corrupt, state.rows_consumed, cfg.bucketed, cfg.p_noise_tail,
-                                     cfg.p_open_spread)
+        self.stream = TrainingStream(cfg.seed, state.rows_consumed, cfg.bucketed, **cfg.mix())
         self.quick, self.confirm = quick_sets(cfg), None
         self.trainable = [p for p in state.model.parameters() if p.requires_grad]
         self.started = time.perf_counter()
