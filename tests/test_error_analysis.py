@@ -1,5 +1,6 @@
 """The error table against a slow per-position reference, and against evaluation's accuracies."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -7,7 +8,9 @@ import torch
 from polyrot.toy.error_analysis import (
     POSITION_BIN,
     SINCE_CAP,
+    draw_readings,
     error_table,
+    row_errors,
     since_first_violation,
     worst_cells,
 )
@@ -84,3 +87,36 @@ def test_worst_cells_are_sorted_and_their_shares_are_fractions(model, sets):
     assert len(worst) == 5 and worst["errors"].is_monotonic_decreasing
     assert ((worst["share"] > 0) & (worst["share"] <= 1)).all()
 
+
+
+def test_row_errors_count_each_rows_wrong_positions_and_sum_to_the_evaluation(model, sets):
+    rows = row_errors(model, sets.batches)
+    accuracy = evaluate(model, sets)
+    with torch.no_grad():
+        logits = model.eval()(sets.batches["long"].tokens)
+    batch = sets.batches["long"]
+    for i, h in enumerate(HEADS):
+        # Row by row on the padded, unsorted batch: the slow path.
+        per_row = ((logits[h].argmax(-1) != getattr(batch, h)) & batch.mask).sum(1)
+        assert rows["long"][0][:, i].tolist() == per_row.tolist()
+    for split in SPLITS:
+        wrong, positions = rows[split]
+        assert positions.sum() == int(sets.batches[split].mask.sum())
+        for i, h in enumerate(HEADS):
+            assert 1 - wrong[:, i].sum() / positions.sum() == pytest.approx(accuracy[f"acc.{split}.{h}"], abs=1e-12)
+
+
+def test_draws_of_every_row_read_the_whole_set_and_smaller_draws_spread():
+    # Two splits of 100 rows of 10 positions; split b has 3 bad rows of 5 wrong positions each.
+    wrong_a, wrong_b = np.zeros((100, 3), dtype=int), np.zeros((100, 3), dtype=int)
+    wrong_b[:3, 1] = 5
+    rows = {"a": (wrong_a, np.full(100, 10)), "b": (wrong_b, np.full(100, 10))}
+    whole = draw_readings(rows, 100, target=0.98, draws=20)
+    assert whole["min_median"] == whole["min_p05"] == pytest.approx(1 - 15 / 1000)
+    assert whole["pass_rate"] == 1.0 and draw_readings(rows, 100, target=0.99, draws=20)["pass_rate"] == 0.0
+    # Ten rows at a time: a draw misses all three bad rows with probability C(97,10)/C(100,10).
+    small = draw_readings(rows, 10, target=1.0, draws=4000, seed=1)
+    assert small["pass_rate"] == pytest.approx(0.7265, abs=0.03)
+    assert small["min_p05"] <= 0.95 and small["min_median"] == 1.0
+    with pytest.raises(ValueError, match="cannot draw 101 rows from 100"):
+        draw_readings(rows, 101, target=0.99)

@@ -92,7 +92,7 @@ TRAIN_SEED = Stage(
                "throughout, the default)", check=non_negative),
         Option("late_batch_from", float, None, "fraction of max_steps after which late_batch_size applies "
                "(default 0.75)", check=unit_interval),
-        Option("eval_sequences", int, None, "held-out sequences per split at each evaluation (default 2048)",
+        Option("eval_sequences", int, None, "held-out sequences per split at each evaluation (default 2048, the paper's)",
                check=positive),
         Option("confirm_sequences", int, None, "held-out sequences per split that confirm a milestone and score "
                "the final model (default 16384, ~10^6 tokens)", check=positive),
@@ -107,7 +107,8 @@ TRAIN_SEED = Stage(
     ),
     code_version="5",  # 2: bucketed batches and the EMA in the cpu profile; the best evaluated model kept;
     # 3: p_noise_tail 0.25 in the cpu profile; a first-0.995 checkpoint; 4: p_open_spread 0.25 in it;
-    # 5: final.quick.* metrics, the quick crossing, an error table at each milestone (same weights as 4)
+    # 5: final.draws.* (the paper's early-stop reading), the quick crossing, an error table at each
+    # milestone (the weights are 4's)
 )
 
 

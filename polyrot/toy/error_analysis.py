@@ -3,6 +3,10 @@ down by what describes a position. A seed that misses the 99.99% bar is explaine
 (which split, head, depth and distance from the first violation hold the last errors), and a
 training mix can be aimed at those cells.
 
+Errors cluster in rows: a depth misread at a row's first violation stays wrong for the rest of
+the row. So an evaluation of a few thousand rows, as the paper's early stop reads once, varies far
+more than its token count suggests; `draw_readings` measures that spread on a larger set.
+
 Each row of the table is one (split, head, feature, value) cell: `positions` non-PAD positions of
 the held-out set have that value, `errors` of them are predicted wrongly. The features:
 
@@ -14,6 +18,7 @@ the held-out set have that value, `errors` of them are predicted wrongly. The fe
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -84,3 +89,43 @@ def worst_cells(table: pd.DataFrame, n: int = 10) -> pd.DataFrame:
     totals = cells[cells["feature"] == FEATURES[0]].groupby(["split", "head"])["errors"].sum()
     cells["share"] = cells["errors"] / cells.set_index(["split", "head"]).index.map(totals)
     return cells.sort_values(["errors", "error_rate"], ascending=False).head(n).reset_index(drop=True)
+
+
+@torch.no_grad()
+def row_errors(model: DyckTransformer, batches: dict[str, Batch],
+               chunk: int = 128) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per split: each row's wrong positions per head, [rows, len(HEADS)], and its non-PAD
+    positions, [rows], in the batch's own row order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = {}
+    for split, batch in batches.items():
+        wrong = torch.zeros(len(batch), len(HEADS), dtype=torch.long)
+        by_length = torch.argsort(batch.lengths, stable=True)
+        for lo in range(0, len(batch), chunk):
+            rows = by_length[lo:lo + chunk]
+            part = batch.select(rows).trimmed()
+            logits = model(part.tokens.to(device))
+            for i, h in enumerate(HEADS):
+                wrong[rows, i] = ((logits[h].argmax(-1).cpu() != getattr(part, h)) & part.mask).sum(1)
+        out[split] = (wrong.numpy(), batch.lengths.numpy())
+    model.train(was_training)
+    return out
+
+
+def draw_readings(rows: dict[str, tuple[np.ndarray, np.ndarray]], n_rows: int, target: float,
+                  draws: int = 1000, seed: int = 0) -> dict[str, float]:
+    """How one evaluation of n_rows sequences a split would read the model, over `draws` such
+    evaluations drawn without replacement from `rows` (row_errors' output): the fraction whose
+    min accuracy over split x head reaches `target`, and the median and 5th percentile of that min."""
+    rng = np.random.default_rng(seed)
+    mins = np.ones(draws)
+    for wrong, positions in rows.values():
+        if n_rows > len(positions):
+            raise ValueError(f"cannot draw {n_rows} rows from {len(positions)}")
+        picks = np.argsort(rng.random((draws, len(positions))), axis=1)[:, :n_rows]  # [draws, n_rows]
+        accuracy = 1 - wrong[picks].sum(1) / positions[picks].sum(1)[:, None]      # [draws, heads]
+        mins = np.minimum(mins, accuracy.min(1))
+    return {"pass_rate": float((mins >= target).mean()), "min_median": float(np.median(mins)),
+            "min_p05": float(np.quantile(mins, 0.05))}

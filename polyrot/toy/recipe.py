@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from polyrot.errors import ParameterError
+from polyrot.toy.task import PAPER_EVAL_SEQUENCES
 
 # The paper's recipe (its §4.3): batch 512, up to 60k steps, eval every 500,
 # stop 10k steps after first reaching 99.99% min held-out accuracy.
@@ -77,7 +78,7 @@ class TrainConfig:
     # variance at the same cost per sequence; the learning rate schedule stays a function of steps.
     late_batch_size: int = CPU["late_batch_size"]
     late_batch_from: float = CPU["late_batch_from"]
-    eval_sequences: int = 2048      # per split, at every evaluation
+    eval_sequences: int = PAPER_EVAL_SEQUENCES  # per split, at every evaluation
     confirm_sequences: int = 16384  # per split, to confirm a crossing of target_acc (~10^6 tokens)
     threads: int = 0                # torch threads; 0 keeps torch's default
     # Where the loop runs (auto: CUDA when present). On CUDA the forward and loss run under bf16

@@ -21,6 +21,9 @@ MAX_CONTENT = N_CTX - 2  # BOS + content + EOS fills the context exactly at this
 SPLITS = ("train", "compositional", "long")
 HEADS = ("tok", "depth", "valid")
 DEFAULT_LENGTHS = {"train": (2, 62), "long": (50, 60)}
+# The paper's held-out evaluation: 8 batches of 256 sequences a split, fixed, read once every 500
+# steps; its early stop fires on the first such reading of 99.99% (reference train.py).
+PAPER_EVAL_SEQUENCES = 8 * 256
 
 # Range of k for the k-deep single-family nest at the heart of each compositional sequence.
 NEST_DEPTHS = (3, MAX_DEPTH)

@@ -101,7 +101,7 @@ class EvalSets:
 
 
 def quick_sets(cfg: TrainConfig) -> EvalSets:
-    """What every evaluation reads: eval_sequences a split (by default 2,048, the paper's 8 x 256)."""
+    """What every evaluation reads: eval_sequences a split (by default the paper's 8 x 256)."""
     return EvalSets.build(cfg.eval_sequences)
 
 
