@@ -45,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--min-lr-ratio", type=float, help="the cosine's floor as a fraction of --lr")
     parser.add_argument("--p-corrupt", type=float)
     parser.add_argument("--p-noise-tail", type=float, help="fraction of walks that continue as noise (the profile's otherwise)")
     parser.add_argument("--p-open-spread", type=float, help="spread of the walks' opening probability around 0.55")
@@ -66,7 +67,8 @@ def main() -> None:
     args = parse_args()
     options = dict(
         threads=args.threads, max_steps=args.max_steps,
-        batch_size=args.batch_size, lr=args.lr, p_corrupt=args.p_corrupt, p_noise_tail=args.p_noise_tail,
+        batch_size=args.batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio, p_corrupt=args.p_corrupt,
+        p_noise_tail=args.p_noise_tail,
         p_open_spread=args.p_open_spread, eval_every=args.eval_every,
         extra_steps=args.extra_steps, bucketed=args.bucketed and args.bucketed == "true", ema_decay=args.ema_decay,
         late_batch_size=args.late_batch_size, late_batch_from=args.late_batch_from,

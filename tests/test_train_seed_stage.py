@@ -154,6 +154,7 @@ def test_tampered_artifact(seed_run, tmp_path):
     ("--batch-size", "-4", "--batch-size must be positive"),
     ("--lr", "0", "--lr must be positive"),
     ("--lr", "fast", "--lr expects float"),
+    ("--min-lr-ratio", "1.5", "--min-lr-ratio must lie in [0, 1]"),
     ("--profile", "gpu", "--profile must be one of cpu, paper"),
     ("--device", "gpu", "unknown device 'gpu'; use auto, cpu, cuda or cuda:N"),
     pytest.param("--device", "cuda", "device 'cuda' asked for, but torch sees no CUDA device",

@@ -71,6 +71,8 @@ TRAIN_SEED = Stage(
         Option("batch_size", int, None, "sequences per step", check=positive),
         Option("max_steps", int, None, "step budget (the cosine schedule spans it)", check=positive),
         Option("lr", float, None, "peak learning rate", check=positive),
+        Option("min_lr_ratio", float, None, "the cosine's floor as a fraction of the peak (cpu and paper: 0.02)",
+               check=lambda v: None if 0 <= v <= 1 else "must lie in [0, 1]"),
         Option("eval_every", int, None, "steps between held-out evaluations", check=positive),
         Option("target_acc", float, None, "early-stop target: min held-out accuracy over split x head",
                check=unit_interval),

@@ -46,7 +46,7 @@ STAGE = specs.TRAIN_SEED
 NAME = STAGE.name
 
 # Options left at None take the profile's value; the resolved recipe is logged as recipe.* params.
-RECIPE_OPTIONS = ("batch_size", "max_steps", "lr", "eval_every", "target_acc", "extra_steps",
+RECIPE_OPTIONS = ("batch_size", "max_steps", "lr", "min_lr_ratio", "eval_every", "target_acc", "extra_steps",
                   "checkpoint_every", "p_corrupt", "p_noise_tail", "p_open_spread", "bucketed", "ema_decay",
                   "late_batch_size", "late_batch_from", "eval_sequences", "confirm_sequences")
 
