@@ -42,6 +42,11 @@ def test_paper_profile_is_the_papers_recipe():
     assert PAPER["p_corrupt"] == PAPER["p_noise_tail"] == PAPER["p_open_spread"] == 0.0
 
 
+def test_the_cpu_profile_stops_its_cosine_at_a_quarter_of_the_peak():
+    cfg = TrainConfig.from_profile("cpu")
+    assert learning_rate(cfg, cfg.max_steps) == pytest.approx(0.25 * 2e-3)
+
+
 def test_schedule_warms_up_then_decays_to_two_percent():
     cfg = TrainConfig.from_profile("paper")
     assert learning_rate(cfg, 0) == pytest.approx(3e-3 / 500)
