@@ -94,8 +94,8 @@ TRAIN_SEED = Stage(
                "throughout, the default)", check=non_negative),
         Option("late_batch_from", float, None, "fraction of max_steps after which late_batch_size applies "
                "(default 0.75)", check=unit_interval),
-        Option("eval_sequences", int, None, "held-out sequences per split at each evaluation (default 2048, the paper's)",
-               check=positive),
+        Option("eval_sequences", int, None, "held-out sequences per split at each evaluation (default 2048, the "
+               "paper's)", check=positive),
         Option("confirm_sequences", int, None, "held-out sequences per split that confirm a milestone and score "
                "the final model (default 16384, ~10^6 tokens)", check=positive),
         Option("shared_io_from", str, None, "train_seed run ID whose W_E and unembeddings are copied and frozen (Cohort A)",
@@ -245,7 +245,7 @@ STEERING = Stage(
         *batch_options(EVAL_SPEC),
         THREADS,
     ),
-    code_version="6",
+    code_version="5",
 )
 
 
