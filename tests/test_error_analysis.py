@@ -88,7 +88,6 @@ def test_worst_cells_are_sorted_and_their_shares_are_fractions(model, sets):
     assert ((worst["share"] > 0) & (worst["share"] <= 1)).all()
 
 
-
 def test_row_errors_count_each_rows_wrong_positions_and_sum_to_the_evaluation(model, sets):
     rows = row_errors(model, sets.batches)
     accuracy = evaluate(model, sets)

@@ -19,9 +19,9 @@ from polyrot.stages import STAGES
 from polyrot.stages.train_seed import load_seed
 from polyrot.toy import train as train_module
 from polyrot.toy.error_analysis import error_table
+from polyrot.toy.model import SHARED_IO
 from polyrot.toy.recipe import TrainConfig
 from polyrot.toy.train import confirm_sets
-from polyrot.toy.model import SHARED_IO
 from tests.conftest import TINY_TRAIN, cli, one_line_error
 
 BIN = Path(sys.executable).parent
@@ -54,12 +54,12 @@ def test_a_run_records_params_metrics_artifacts_and_provenance(seed_run):
         assert tags[tracking.TAG_DIGEST + path] == tracking.sha256_file(artifacts / path)
     state = json.loads((artifacts / "checkpoints/step-000020.json").read_text())
     assert state["step"] == 20 and state["rows_consumed"] == 20 * 32
-    # The error table counts the confirmation sets' positions and the final evaluation's errors.
     # Drawing all 64 confirmation rows a split reads the whole set: every draw is the final evaluation.
     assert metrics["final.draws.min_median"] == pytest.approx(metrics["final.acc.min"], abs=1e-12)
     assert metrics["final.draws.pass_rate"] == 0.0  # a 40-step seed is far from 99.99%
     summary = json.loads((artifacts / "train.json").read_text())
     assert summary["final_draws"]["min_p05"] == metrics["final.draws.min_p05"] and "quick_crossing" in summary
+    # The error table counts the confirmation sets' positions and the final evaluation's errors.
     errors = pd.read_csv(artifacts / "errors.csv")
     depth = errors[(errors["feature"] == "depth") & (errors["split"] == "long") & (errors["head"] == "valid")]
     wrong = depth["errors"].sum() / depth["positions"].sum()
