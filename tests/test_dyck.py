@@ -117,6 +117,18 @@ def test_batch_len_select_and_to():
     assert all(torch.equal(getattr(moved, h), getattr(batch, h)) for h in task.HEADS)
 
 
+def test_by_length_visits_every_row_once_in_length_order_and_trims_each_chunk():
+    batch = dyck.generate("train", 50, seed=3)
+    chunks = list(batch.by_length(16))
+    assert [len(part) for _, part in chunks] == [16, 16, 16, 2]
+    rows = torch.cat([r for r, _ in chunks])
+    assert sorted(rows.tolist()) == list(range(50))
+    assert torch.all(batch.lengths[rows].diff() >= 0)
+    for r, part in chunks:
+        assert torch.equal(part.tokens, batch.select(r).tokens[:, :part.tokens.shape[1]])
+        assert part.tokens.shape[1] == int(part.lengths.max())  # trimmed to its longest row
+
+
 @pytest.mark.parametrize("split", task.SPLITS)
 def test_same_seed_is_bit_identical_and_different_seed_differs(split):
     a, b, c = (dyck.generate(split, 200, seed=s) for s in (5, 5, 6))

@@ -14,6 +14,7 @@ Python loops run over the N_CTX positions, each step an array operation on every
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -65,6 +66,15 @@ class Batch:
         positions changes, and every pass gets cheaper."""
         length = int(self.mask.any(0).nonzero().max()) + 1
         return Batch(**{f.name: getattr(self, f.name)[:, :length] for f in fields(self)})
+
+    def by_length(self, chunk: int) -> Iterator[tuple[torch.Tensor, Batch]]:
+        """The rows in order of length, `chunk` at a time, each chunk trimmed to its longest row:
+        (its row indices, the chunk). Every sum over the chunks is the padded batch's, at a
+        fraction of the cost, since a chunk of near-equal lengths keeps few PAD columns."""
+        order = torch.argsort(self.lengths, stable=True)
+        for lo in range(0, len(self), chunk):
+            rows = order[lo:lo + chunk]
+            yield rows, self.select(rows).trimmed()
 
 
 def label_tokens(tokens: torch.Tensor) -> Batch:

@@ -61,9 +61,7 @@ def error_table(model: DyckTransformer, batches: dict[str, Batch], chunk: int = 
     for split, batch in batches.items():
         positions = {f: torch.zeros(_SIZE[f], dtype=torch.long) for f in FEATURES}
         errors = {(h, f): torch.zeros(_SIZE[f], dtype=torch.long) for h in HEADS for f in FEATURES}
-        by_length = torch.argsort(batch.lengths, stable=True)
-        for lo in range(0, len(batch), chunk):
-            part = batch.select(by_length[lo:lo + chunk]).trimmed()
+        for _, part in batch.by_length(chunk):
             logits = model(part.tokens.to(device))
             keys = {f: (v + _OFFSET[f])[part.mask] for f, v in _features(part).items()}
             for f in FEATURES:
@@ -102,10 +100,7 @@ def row_errors(model: DyckTransformer, batches: dict[str, Batch],
     out = {}
     for split, batch in batches.items():
         wrong = torch.zeros(len(batch), len(HEADS), dtype=torch.long)
-        by_length = torch.argsort(batch.lengths, stable=True)
-        for lo in range(0, len(batch), chunk):
-            rows = by_length[lo:lo + chunk]
-            part = batch.select(rows).trimmed()
+        for rows, part in batch.by_length(chunk):
             logits = model(part.tokens.to(device))
             for i, h in enumerate(HEADS):
                 wrong[rows, i] = ((logits[h].argmax(-1).cpu() != getattr(part, h)) & part.mask).sum(1)

@@ -114,8 +114,7 @@ def confirm_sets(cfg: TrainConfig) -> EvalSets:
 def evaluate(model: DyckTransformer, sets: EvalSets, chunk: int = 128) -> dict[str, float]:
     """Per-split, per-head accuracy and loss over non-PAD positions, and their minimum accuracy.
 
-    Rows run in order of length, each chunk trimmed to its longest row: the sums are those of the
-    padded batch, at a fraction of the cost."""
+    Rows run in order of length (`Batch.by_length`): the sums are those of the padded batch."""
     model.eval()
     device = next(model.parameters()).device
     out: dict[str, float] = {}
@@ -123,9 +122,8 @@ def evaluate(model: DyckTransformer, sets: EvalSets, chunk: int = 128) -> dict[s
         correct = {h: 0 for h in HEADS}
         loss_sum = {h: 0.0 for h in HEADS}
         n = int(batch.mask.sum())
-        by_length = torch.argsort(batch.lengths, stable=True)
-        for lo in range(0, len(batch), chunk):
-            part = batch.select(by_length[lo:lo + chunk]).trimmed().to(device)
+        for _, part in batch.by_length(chunk):
+            part = part.to(device)
             logits = model(part.tokens)
             m = part.mask
             for h in HEADS:
