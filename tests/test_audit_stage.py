@@ -7,6 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from polyrot import tracking
 from polyrot.stages import STAGES
+from polyrot.stages.audit import seed_labels, unique_labels
 from polyrot.toy.model import DyckTransformer, ModelConfig
 from tests.conftest import cli, one_line_error
 from tests.test_fit_rotation_stage import log_model_run, rotated_copy_runs
@@ -163,3 +164,9 @@ def test_bad_input_is_one_line_and_starts_no_run(audited, args, message):
     result = cli("audit", "--experiment", EXPERIMENT, *[x for item in given.items() for x in item])
     one_line_error(result, message.format(**ids))
     assert len(client.search_runs([tracking.experiment_id(EXPERIMENT)], "tags.`polyrot.stage` = 'audit'")) == before
+
+
+def test_labels_take_the_run_ids_start_only_where_they_repeat():
+    assert seed_labels({"aaaaaaaaXX": "1", "bbbbbbbbXX": "2"}) == {"aaaaaaaaXX": "s1", "bbbbbbbbXX": "s2"}
+    assert unique_labels({"aaaaaaaaXX": "pythia", "bbbbbbbbXX": "pythia", "cccc": "neox"}) == \
+        {"aaaaaaaaXX": "pythia-aaaaaaaa", "bbbbbbbbXX": "pythia-bbbbbbbb", "cccc": "neox"}

@@ -216,10 +216,15 @@ def _saes(raw: str, flag: str, models: Mapping[str, int],
     return found
 
 
+def unique_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """Each run's label, plus the run ID's start where two runs share one: metric keys stay apart."""
+    counts = Counter(labels.values())
+    return {rid: label if counts[label] == 1 else f"{label}-{rid[:8]}" for rid, label in labels.items()}
+
+
 def seed_labels(seeds: Mapping[str, str]) -> dict[str, str]:
     """Metric-key label of each target run: s<seed>, plus the run ID's start where seeds repeat."""
-    counts = Counter(seeds.values())
-    return {rid: f"s{seed}" if counts[seed] == 1 else f"s{seed}-{rid[:8]}" for rid, seed in seeds.items()}
+    return unique_labels({rid: f"s{seed}" for rid, seed in seeds.items()})
 
 
 def gaussian_like(acts: torch.Tensor, seed: int) -> torch.Tensor:
@@ -445,8 +450,7 @@ def _run_hf(params: dict) -> str:
         if missing:
             raise ParameterError(f"target run {rid} has no site {missing[0]!r}; it has: {', '.join(acts)}")
         targets[rid] = (target_info["label"], acts)
-    counts = Counter(label for label, _ in targets.values())
-    labels = {rid: label if counts[label] == 1 else f"{label}-{rid[:8]}" for rid, (label, _) in targets.items()}
+    labels = unique_labels({rid: label for rid, (label, _) in targets.items()})
     target_saes = _saes(params["target_saes"], "--target-saes", {rid: info["d_model"] for rid in targets}) \
         if params["target_saes"] else {}
     if params["threads"]:
