@@ -107,6 +107,12 @@ claims:
     node: seed0
     metrics: ["acc"]
     expect: {above: 0.5}
+  - id: premise-final
+    paper: "1"
+    node: audit
+    metrics: ["*.s*.gap"]
+    expect: {below: 1}
+    final_only: true
 """
 
 
@@ -124,7 +130,9 @@ def test_each_claim_of_a_twinned_node_is_evaluated_at_every_milestone_and_final(
         # first-0.999 never ran (skipped): no metrics.
     }
     table = convergence.along(exp, metrics)
-    assert list(table["claim"].unique()) == ["gap-small"]  # seed-only reads a node without twins
+    # seed-only reads a node without twins; premise-final holds on the final weights only.
+    assert list(table["claim"].unique()) == ["gap-small"]
+    assert {c.id: c.final_only for c in exp.claims} == {"gap-small": False, "seed-only": False, "premise-final": True}
     rows = table.set_index("checkpoint")
     assert list(rows.index) == ["first-0.99", "first-0.999", "final"]
     assert rows.loc["first-0.99", "status"] == FAIL and rows.loc["first-0.99", "value"] == 0.3

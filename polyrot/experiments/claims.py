@@ -20,6 +20,8 @@ that experiment's nodes:
       "null": ["*.untrained.frob_ratio"]   optional: the same quantity on a null control (globs
                                            on the same node); values inside its range: NO POWER.
                                            Quoted: a bare null: key is YAML's null
+      final_only: true                     optional: the claim's premise holds on the final weights
+                                           only, so claims along convergence leave it out
       attribution:                         optional: why a claim that fails, from a metric
         metric: "resid_post_1.s*.identity_ev"      (globs, node as the claim's unless given)
         text: "pinned by the shared unembedding: identity EV {value:.2f}"
@@ -58,7 +60,7 @@ EXPECTATIONS = ("below", "above", "between", "near")
 PASS, FAIL, NO_POWER, MISSING = "PASS", "FAIL", "NO POWER", "NOT MEASURED"
 VERDICTS = (PASS, FAIL, NO_POWER, MISSING)
 _KEYS = {"id", "section", "claim", "paper", "node", "metrics", "compare_to", "op", "reduce", "expect", "tol",
-         "required", "null", "attribution"}
+         "required", "null", "attribution", "final_only"}
 _ATTRIBUTION_KEYS = {"metric", "text", "reduce", "node"}
 
 
@@ -97,6 +99,7 @@ class Claim:
     required: bool = True
     null: tuple[str, ...] = ()
     attribution: Attribution | None = None
+    final_only: bool = False
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -215,6 +218,7 @@ def parse_claim(entry: Mapping, where: str) -> Claim:
         compare_to=_globs(entry["compare_to"], where, "compare_to") if "compare_to" in entry else (),
         null=_globs(entry["null"], where, "null") if "null" in entry else (),
         attribution=_attribution(entry["attribution"], where, str(entry["id"])) if "attribution" in entry else None,
+        final_only=bool(entry.get("final_only", False)),
     )
     try:
         lo, hi = claim.bounds

@@ -7,6 +7,7 @@ interval and null, so the table shows the claim's value at 99%, 99.5%, ... and o
 weights: which claims depend on the last fraction of a percent, and which way they move. A twin
 that was skipped (a seed never reached its milestone) or did not run reads NOT MEASURED. The null
 controls (untrained models) have no checkpoint, so a twin's claims read them from the final node.
+A claim marked `final_only` (its premise holds on the final weights alone) is left out.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def along(exp: pipeline.Experiment, metrics: dict[str, dict[str, float]]) -> pd.
     found = twins(exp)
     rows = []
     for claim in exp.claims:
-        if claim.node not in found:
+        if claim.node not in found or claim.final_only:
             continue
         # The null controls have no checkpoint: a twin reads them from the final node.
         null = {k: v for k, v in metrics.get(claim.node, {}).items()
