@@ -205,3 +205,16 @@ def test_a_process_that_fetched_artifacts_leaves_no_download_folder(seed_run, tm
                           env={**os.environ, "TMPDIR": str(tmp_path)}, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["1"], done.stderr[-2000:]  # there while it ran
     assert not list(tmp_path.glob("polyrot-fetch-*"))
+
+
+def test_each_recipe_option_names_the_profiles_values_and_overrides_one_recipe_field():
+    from polyrot.stages.specs import RECIPE, RECIPE_OPTIONS
+    from polyrot.toy.recipe import PAPER, PROFILES
+    help_text = cli("train-seed", "--help").output
+    assert "(cpu: 0.25; paper: 0.02)" in " ".join(help_text.split())  # --min-lr-ratio, read from the profiles
+    assert PAPER["min_lr_ratio"] == 0.02
+    for option in RECIPE:
+        assert option.default is None  # unset, the profile's value wins
+        values = {getattr(TrainConfig.from_profile(p), option.name) for p in PROFILES}
+        assert option.help.endswith(")") and ("default" in option.help) == (len(values) == 1), option.help
+    assert set(RECIPE_OPTIONS) <= set(TrainConfig.from_profile("cpu").to_dict())

@@ -25,7 +25,7 @@ from polyrot.stages.base import (
     unit_interval,
 )
 from polyrot.toy import task
-from polyrot.toy.recipe import PROFILES
+from polyrot.toy.recipe import PROFILES, TrainConfig
 from polyrot.toy.task import EVAL_SPEC, SAE_SPEC
 
 # The paper's analysis constants that more than one stage exposes as an option default.
@@ -64,41 +64,60 @@ HF_RUNTIME_OPTIONS = (
 )
 
 
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+_PROFILE_RECIPES = {name: TrainConfig.from_profile(name) for name in PROFILES}
+
+
+def recipe_option(name: str, kind: type, help: str, check=None) -> Option:
+    """A training-recipe option: left unset it takes the profile's value, which its help names."""
+    values = {profile: _shown(getattr(recipe, name)) for profile, recipe in _PROFILE_RECIPES.items()}
+    shown = (f"default {values['cpu']}" if len(set(values.values())) == 1
+             else "; ".join(f"{profile}: {value}" for profile, value in values.items()))
+    return Option(name, kind, None, f"{help} ({shown})", check=check)
+
+
+# The options of train_seed that override one field of the profile's TrainConfig.
+RECIPE = (
+    recipe_option("batch_size", int, "sequences per step", check=positive),
+    recipe_option("max_steps", int, "step budget, which the cosine schedule spans", check=positive),
+    recipe_option("lr", float, "peak learning rate", check=positive),
+    recipe_option("min_lr_ratio", float, "the cosine's floor as a fraction of the peak", check=fraction),
+    recipe_option("eval_every", int, "steps between held-out evaluations", check=positive),
+    recipe_option("target_acc", float, "early-stop target: min held-out accuracy over split x head",
+                  check=unit_interval),
+    recipe_option("extra_steps", int, "steps to continue after first confirming target_acc", check=non_negative),
+    recipe_option("checkpoint_every", int, "steps between checkpoint artifacts", check=positive),
+    recipe_option("p_corrupt", float, "fraction of valid walks given one wrong-family closer", check=fraction),
+    recipe_option("p_noise_tail", float, "fraction of the other valid walks that continue as uniform noise "
+                  "from a random position: a violation deep in the stack, then a long tail", check=fraction),
+    recipe_option("p_open_spread", float, "each valid walk's opening probability drawn from 0.55 ± this; 0: "
+                  "0.55 for all", check=lambda v: None if 0 <= v <= 0.45 else "must lie in [0, 0.45]"),
+    recipe_option("bucketed", bool, "length-bucketed batches, the loss normalised per chunk; false: every "
+                  "batch padded to the context"),
+    recipe_option("ema_decay", float, "decay of the weights' moving average, kept when it evaluates better; "
+                  "0: none", check=lambda v: None if 0 <= v < 1 else "must lie in [0, 1)"),
+    recipe_option("late_batch_size", int, "sequences per step from late_batch_from x max_steps on; 0: "
+                  "batch_size throughout", check=non_negative),
+    recipe_option("late_batch_from", float, "fraction of max_steps after which late_batch_size applies",
+                  check=unit_interval),
+    recipe_option("eval_sequences", int, "held-out sequences per split at each evaluation, the paper's size",
+                  check=positive),
+    recipe_option("confirm_sequences", int, "held-out sequences per split that confirm a milestone and score "
+                  "the final model, ~10^6 tokens", check=positive),
+)
+RECIPE_OPTIONS = tuple(option.name for option in RECIPE)
+
 TRAIN_SEED = Stage(
     "train_seed", "Train one Dyck-3 seed and log its model, checkpoints and accuracy.",
     (
         Option("seed", int, None, "model seed (init and data stream); default 0"),
         Option("profile", str, "cpu", "training recipe: cpu (2-core default) or paper", choices=tuple(PROFILES)),
-        Option("batch_size", int, None, "sequences per step", check=positive),
-        Option("max_steps", int, None, "step budget (the cosine schedule spans it)", check=positive),
-        Option("lr", float, None, "peak learning rate", check=positive),
-        Option("min_lr_ratio", float, None, "the cosine's floor as a fraction of the peak (cpu: 0.25; paper: 0.02)",
-               check=fraction),
-        Option("eval_every", int, None, "steps between held-out evaluations", check=positive),
-        Option("target_acc", float, None, "early-stop target: min held-out accuracy over split x head",
-               check=unit_interval),
-        Option("extra_steps", int, None, "steps to continue after first confirming target_acc", check=non_negative),
-        Option("checkpoint_every", int, None, "steps between checkpoint artifacts", check=positive),
-        Option("p_corrupt", float, None, "fraction of valid walks given one wrong-family closer",
-               check=fraction),
-        Option("p_noise_tail", float, None, "fraction of the other valid walks that continue as uniform noise "
-               "from a random position (a violation deep in the stack, then a long tail)",
-               check=fraction),
-        Option("p_open_spread", float, None, "each valid walk's opening probability drawn from 0.55 ± this "
-               "(cpu: 0.25; paper: 0, 0.55 for all)",
-               check=lambda v: None if 0 <= v <= 0.45 else "must lie in [0, 0.45]"),
-        Option("bucketed", bool, None, "length-bucketed batches, the loss normalised per chunk (cpu: true; paper: "
-               "false, every batch padded to the context)"),
-        Option("ema_decay", float, None, "decay of the weights' moving average, kept when it evaluates better "
-               "(cpu: 0.999; paper: 0, none)", check=lambda v: None if 0 <= v < 1 else "must lie in [0, 1)"),
-        Option("late_batch_size", int, None, "sequences per step from late_batch_from x max_steps on (0: batch_size "
-               "throughout, the default)", check=non_negative),
-        Option("late_batch_from", float, None, "fraction of max_steps after which late_batch_size applies "
-               "(default 0.75)", check=unit_interval),
-        Option("eval_sequences", int, None, "held-out sequences per split at each evaluation (default 2048, the "
-               "paper's)", check=positive),
-        Option("confirm_sequences", int, None, "held-out sequences per split that confirm a milestone and score "
-               "the final model (default 16384, ~10^6 tokens)", check=positive),
+        *RECIPE,
         Option("shared_io_from", str, None, "train_seed run ID whose W_E and unembeddings are copied and frozen (Cohort A)",
                run_ids=True),
         Option("resume", str, None, "train_seed run ID to continue from its last checkpoint (the recipe comes from it)",

@@ -45,11 +45,6 @@ from polyrot.toy.train import (
 STAGE = specs.TRAIN_SEED
 NAME = STAGE.name
 
-# Options left at None take the profile's value; the resolved recipe is logged as recipe.* params.
-RECIPE_OPTIONS = ("batch_size", "max_steps", "lr", "min_lr_ratio", "eval_every", "target_acc", "extra_steps",
-                  "checkpoint_every", "p_corrupt", "p_noise_tail", "p_open_spread", "bucketed", "ema_decay",
-                  "late_batch_size", "late_batch_from", "eval_sequences", "confirm_sequences")
-
 _STEP_FILE = re.compile(r"checkpoints/step-(\d{6})\.safetensors$")
 
 
@@ -68,7 +63,7 @@ def _resume_state(params: dict):
     tensors = load_file(tracking.fetch_artifact(params["resume"], stem + ".safetensors", stage=NAME, finished=False))
     meta = json.loads(tracking.fetch_artifact(params["resume"], stem + ".json", stage=NAME, finished=False).read_text())
     state, cfg = restore_checkpoint(tensors, meta)
-    for name in RECIPE_OPTIONS + ("seed",):
+    for name in specs.RECIPE_OPTIONS + ("seed",):
         if params[name] is not None and params[name] != getattr(cfg, name):
             raise ParameterError(f"--{name.replace('_', '-')} {params[name]} conflicts with the resumed run's {getattr(cfg, name)}")
     return state, TrainConfig.from_dict({**cfg.to_dict(), "threads": params["threads"], "device": params["device"] or "auto"})
@@ -89,7 +84,7 @@ def run(params: dict) -> str:
     else:
         cfg = TrainConfig.from_profile(
             params["profile"], seed=params["seed"] if params["seed"] is not None else 0,
-            threads=params["threads"], device=params["device"], **{k: params[k] for k in RECIPE_OPTIONS})
+            threads=params["threads"], device=params["device"], **{k: params[k] for k in specs.RECIPE_OPTIONS})
         shared_from = params["shared_io_from"]
         shared = _shared_io(shared_from) if shared_from else None
         state = new_state(cfg, shared)
