@@ -138,6 +138,9 @@ def test_a_verdict_that_does_not_pass_carries_its_attribution():
     ({"metrics": "x", "expect": {"below": 0}, "op": "product"}, "op must be one of"),
     ({"metrics": [], "expect": {"below": 0}}, "'metrics' takes a metric-name glob"),
     ({"metrics": "x", "expect": {"below": 0}, "bound": 3}, "claim has no field 'bound'"),
+    ({"metrics": "x", "expect": {"below": 0}, "required": "no"}, "'required' takes true or false, got 'no'"),
+    ({"metrics": "x", "expect": {"below": 0}, "final_only": 1}, "'final_only' takes true or false, got 1"),
+    ({"metrics": "x", "expect": {"near": 1}, "tol": "1%"}, "'tol' takes a number, got '1%'"),
 ])
 def test_bad_claims_say_what_is_wrong(fields, message):
     with pytest.raises(ClaimError, match=message) as err:

@@ -188,6 +188,21 @@ def _attribution(value, where: str, claim_id: str) -> Attribution:
                        str(value["node"]) if "node" in value else None)
 
 
+def _flag(entry: Mapping, key: str, default: bool, where: str) -> bool:
+    """A yes/no field, YAML's true or false only: bool("no") would read as true."""
+    value = entry.get(key, default)
+    if not isinstance(value, bool):
+        raise ClaimError(f"{where}: claim {entry['id']}: '{key}' takes true or false, got {value!r}")
+    return value
+
+
+def _tolerance(entry: Mapping, where: str) -> float:
+    value = entry.get("tol", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ClaimError(f"{where}: claim {entry['id']}: 'tol' takes a number, got {value!r}")
+    return float(value)
+
+
 def parse_claim(entry: Mapping, where: str) -> Claim:
     """One claim from its YAML mapping; `where` (file:line) prefixes every error."""
     if not isinstance(entry, Mapping):
@@ -214,11 +229,11 @@ def parse_claim(entry: Mapping, where: str) -> Claim:
     claim = Claim(
         id=str(entry["id"]), section=str(entry.get("section", "")), claim=str(entry.get("claim", "")),
         paper=str(entry["paper"]), node=str(entry["node"]), metrics=_globs(entry["metrics"], where, "metrics"),
-        expect=expect, reduce=reduce, op=op, tol=float(entry.get("tol", 0.0)), required=bool(entry.get("required", True)),
+        expect=expect, reduce=reduce, op=op, tol=_tolerance(entry, where), required=_flag(entry, "required", True, where),
         compare_to=_globs(entry["compare_to"], where, "compare_to") if "compare_to" in entry else (),
         null=_globs(entry["null"], where, "null") if "null" in entry else (),
         attribution=_attribution(entry["attribution"], where, str(entry["id"])) if "attribution" in entry else None,
-        final_only=bool(entry.get("final_only", False)),
+        final_only=_flag(entry, "final_only", False, where),
     )
     try:
         lo, hi = claim.bounds
