@@ -230,6 +230,9 @@ def main() -> None:
                         help="training steps per round at the largest batch size; smaller batch sizes take "
                              "proportionally more, so that every round covers the same sequences")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the bucketed step under torch.compile (inductor, dynamic shapes); its "
+                             "first round pays the compilation, which the median over rounds leaves out")
     args = parser.parse_args()
     cfg = TrainConfig.from_profile("cpu", seed=args.seed)
 
@@ -264,6 +267,9 @@ def main() -> None:
                 "polyrot, bucketed, for-loop AdamW": Contender(copy.deepcopy(model), bucketed, optimizer="for-loop"),
                 "polyrot, bucketed, bf16 autocast": Contender(copy.deepcopy(model), bucketed, autocast=True),
             }
+            if args.compile:
+                contenders["polyrot, bucketed, torch.compile"] = Contender(
+                    torch.compile(copy.deepcopy(model), dynamic=True), bucketed)
             seconds = measure(cfg, contenders, args.rounds)
             ref = contenders["reference, padded"]
             for name, c in contenders.items():
