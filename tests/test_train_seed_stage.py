@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from polyrot import tracking
 from polyrot.stages import STAGES
-from polyrot.stages.specs import RECIPE, RECIPE_OPTIONS
+from polyrot.stages.specs import RECIPE, RECIPE_OPTIONS, TRAIN_SEED
 from polyrot.stages.train_seed import load_seed
 from polyrot.toy import train as train_module
 from polyrot.toy.error_analysis import error_table
@@ -156,6 +156,7 @@ def test_tampered_artifact(seed_run, tmp_path):
     ("--lr", "0", "--lr must be positive"),
     ("--lr", "fast", "--lr expects float"),
     ("--min-lr-ratio", "1.5", "--min-lr-ratio must lie in [0, 1]"),
+    ("--late-batch-from", "1.5", "--late-batch-from must lie in [0, 1]"),
     ("--profile", "gpu", "--profile must be one of cpu, paper"),
     ("--device", "gpu", "unknown device 'gpu'; use auto, cpu, cuda or cuda:N"),
     pytest.param("--device", "cuda", "device 'cuda' asked for, but torch sees no CUDA device",
@@ -217,3 +218,5 @@ def test_each_recipe_option_names_the_profiles_values_and_overrides_one_recipe_f
         values = {getattr(TrainConfig.from_profile(p), option.name) for p in PROFILES}
         assert option.help.endswith(")") and ("default" in option.help) == (len(values) == 1), option.help
     assert set(RECIPE_OPTIONS) <= set(TrainConfig.from_profile("cpu").to_dict())
+    # What TrainConfig accepts, the CLI accepts: a late batch from step 0 is the whole run at that batch.
+    assert TRAIN_SEED.parse({"late_batch_from": "0"})["late_batch_from"] == 0.0

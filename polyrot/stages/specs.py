@@ -104,7 +104,7 @@ RECIPE = (
     recipe_option("late_batch_size", int, "sequences per step from late_batch_from x max_steps on; 0: "
                   "batch_size throughout", check=non_negative),
     recipe_option("late_batch_from", float, "fraction of max_steps after which late_batch_size applies",
-                  check=unit_interval),
+                  check=fraction),
     recipe_option("eval_sequences", int, "held-out sequences per split at each evaluation, the paper's size",
                   check=positive),
     recipe_option("confirm_sequences", int, "held-out sequences per split that confirm a milestone and score "
