@@ -43,9 +43,20 @@ def test_completeness_ig_with_32_steps_recovers_every_measured_effect(sharp_mode
     ig_error, ap_error = np.abs(table["ig"] - table["measured"]).max(), np.abs(table["ap"] - table["measured"]).max()
     assert ig_error < 1e-3 and ap_error > 10 * ig_error
     assert pearson(table["ig"], table["measured"]) > 0.9999
-    # Untrimmed and trimmed batches give the same losses: PAD columns change nothing.
-    _, untrimmed = causal.ablation_effects(sharp_model, batch, means)
-    assert np.allclose(list(untrimmed.values()), table["measured"], atol=1e-6)
+
+
+def test_length_chunks_add_up_to_the_whole_batch(sharp_model):
+    """The fast path (length-sorted chunks of 4 rows, each trimmed) against the slow reference (the
+    whole padded batch as one chunk): every loss is a sum over tokens, so the two agree to rounding."""
+    batch = make_batch(BatchSpec("mixed", seed=5, n_sequences=16))
+    assert batch.lengths.min() < batch.lengths.max() / 2  # the chunks really are trimmed
+    means = causal.component_means(sharp_model, batch)
+    fast = causal.effect_table(sharp_model, batch, means, ig_steps=4, chunk=4)
+    slow = causal.effect_table(sharp_model, batch, means, ig_steps=4, chunk=len(batch))
+    assert fast.attrs["clean_loss"] == pytest.approx(slow.attrs["clean_loss"], rel=1e-6)
+    for column in ("measured", "ig", "ap"):
+        assert np.allclose(fast[column], slow[column], rtol=1e-4, atol=1e-6), column
+    assert slow["measured"].abs().min() > 1e-3  # no component trivially zero
 
 
 def test_a_silent_component_has_no_effect_and_no_prediction(sharp_model):

@@ -193,7 +193,7 @@ def run(params: dict) -> str:
                                                           make_batch(task.CROSS_SPEC))[0]
             with timed(own, "time.cross_c"):
                 aligned = alignment.model
-                _, measured = causal.ablation_effects(aligned, batches["cross_eval"].trimmed(),
+                _, measured = causal.ablation_effects(aligned, batches["cross_eval"],
                                                       causal.component_means(aligned, batches["cross_means"]))
             cross = pd.DataFrame({"component": list(measured), "measured": list(measured.values())})
             cross["ig"] = predictor.loc[cross["component"], "ig"].to_numpy()

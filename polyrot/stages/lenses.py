@@ -57,7 +57,7 @@ def run(params: dict) -> str:
         heads, effects, patterns = [], [], []
         for rid, model in models.items():
             label = labels[rid]
-            _, effect = causal.ablation_effects(model, eval_batch.trimmed(),
+            _, effect = causal.ablation_effects(model, eval_batch,
                                                 causal.component_means(model, means_batch))
             kept, dropped = causal.acdc_heads(effect, params["acdc_threshold"])
             norms = lenses.head_norms(model)

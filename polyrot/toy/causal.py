@@ -8,6 +8,11 @@ Measured effect of a component: replace its contribution at every position with 
 (over the non-PAD positions of a separate means batch) and take the change of the training loss,
 the sum over the three heads of the masked mean cross-entropy (train.loss_fn).
 
+Every loss here runs over the batch in chunks of rows of similar length (Batch.by_length), each
+trimmed to its longest row, with each chunk's cross-entropy sum divided by the whole batch's token
+count. The loss is a sum over tokens, so the chunks' losses, effects and attributions add up to the
+batch's, while a random batch is ~47% PAD and a length-sorted chunk almost none.
+
 Predicted effect: attribution patching and integrated gradients (polyrot.core.attribution) at
 the clean run. IG tracks mean ablation while AP, a first-order guess near a converged minimum,
 need not (§3.3).
@@ -72,47 +77,62 @@ def clean_activations(model: DyckTransformer, batch: Batch) -> dict[str, torch.T
     return {n: cache[component_site(n)] for n in names}
 
 
-def component_loss_of(model: DyckTransformer, batch: Batch, component: str) -> LossOf:
+# Rows per length-sorted chunk: small enough that a chunk's rows have near-equal lengths, large
+# enough that each pass is still a sizeable matmul.
+CHUNK_ROWS = 32
+
+
+def component_loss_of(model: DyckTransformer, batch: Batch, component: str, tokens: float) -> LossOf:
     """loss_of(a): the training loss on `batch` with `component`'s contribution set to a, every
-    other component recomputed downstream of it."""
+    other component recomputed downstream of it, normalised by `tokens` (train.loss_fn)."""
     site = component_site(component)
 
     def loss_of(activation: torch.Tensor) -> torch.Tensor:
-        return loss_fn(model.run(batch.tokens, patches={site: lambda _: activation})[0], batch)
+        return loss_fn(model.run(batch.tokens, patches={site: lambda _: activation})[0], batch, tokens)
 
     return loss_of
 
 
+def _length_chunks(batch: Batch, chunk: int) -> tuple[list[Batch], float]:
+    """`batch`'s rows in length-sorted, trimmed chunks, and the token count every chunk's loss is
+    normalised by (the whole batch's), so that the chunks' losses sum to the batch's."""
+    return [part for _, part in batch.by_length(chunk)], float(batch.mask.sum())
+
+
 @torch.no_grad()
-def ablation_effects(model: DyckTransformer, batch: Batch,
-                     means: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+def ablation_effects(model: DyckTransformer, batch: Batch, means: Mapping[str, torch.Tensor],
+                     chunk: int = CHUNK_ROWS) -> tuple[float, dict[str, float]]:
     """(clean loss, {component: loss with the component mean-ablated - clean loss})."""
     model.eval()
-    clean = float(loss_fn(model(batch.tokens), batch))
-    effects = {}
-    for name in components(model.cfg):
-        mean = means[name]
-        logits = model.run(batch.tokens, patches={component_site(name): lambda x, m=mean: m.expand_as(x)})[0]
-        effects[name] = float(loss_fn(logits, batch)) - clean
+    parts, tokens = _length_chunks(batch, chunk)
+    clean, effects = 0.0, dict.fromkeys(components(model.cfg), 0.0)
+    for part in parts:
+        part_clean = float(loss_fn(model(part.tokens), part, tokens))
+        clean += part_clean
+        for name in effects:
+            patch = {component_site(name): lambda x, m=means[name]: m.expand_as(x)}
+            effects[name] += float(loss_fn(model.run(part.tokens, patches=patch)[0], part, tokens)) - part_clean
     return clean, effects
 
 
 def effect_table(model: DyckTransformer, batch: Batch, means: Mapping[str, torch.Tensor], *,
-                 ig_steps: int, ap: bool = True, progress: bool = False) -> pd.DataFrame:
+                 ig_steps: int, ap: bool = True, progress: bool = False, chunk: int = CHUNK_ROWS) -> pd.DataFrame:
     """One row per component: measured mean-ablation effect, its IG prediction and (with `ap`)
     its AP prediction; the clean loss is in `table.attrs["clean_loss"]`."""
     check_steps(ig_steps)
     model.eval()
-    batch = batch.trimmed()
-    clean_loss, measured = ablation_effects(model, batch, means)
-    clean = clean_activations(model, batch)
+    clean_loss, measured = ablation_effects(model, batch, means, chunk)
+    parts, tokens = _length_chunks(batch, chunk)
+    cleans = [clean_activations(model, part) for part in parts]
     rows = []
     for name in tqdm(components(model.cfg), desc="IG per component", disable=not progress, leave=False):
-        loss_of = component_loss_of(model, batch, name)
+        losses = [component_loss_of(model, part, name, tokens) for part in parts]
         row = {"component": name, "measured": measured[name],
-               "ig": integrated_gradients(loss_of, clean[name], means[name], ig_steps)}
+               "ig": sum(integrated_gradients(loss_of, clean[name], means[name], ig_steps)
+                         for loss_of, clean in zip(losses, cleans))}
         if ap:
-            row["ap"] = attribution_patching(loss_of, clean[name], means[name])
+            row["ap"] = sum(attribution_patching(loss_of, clean[name], means[name])
+                            for loss_of, clean in zip(losses, cleans))
         rows.append(row)
     table = pd.DataFrame(rows)
     table.attrs["clean_loss"] = clean_loss
