@@ -82,6 +82,17 @@ def test_overall_is_the_mean_of_head_means_and_the_weighted_mean_of_splits(seed_
     assert list(table["scope"]) == ["overall"] + ["head"] * 3 + ["split"] * len(result.per_split)
 
 
+def test_length_chunks_give_the_padded_batches_bar_b(seed_run):
+    """The fast path (length-sorted, trimmed chunks of 32 rows) against one padded pass per batch."""
+    model = load_seed(seed_run)
+    fast = behavioural.bar_b(model, 768, batch_sequences=256, chunk=32)
+    slow = behavioural.bar_b(model, 768, batch_sequences=256, chunk=256)
+    assert fast.positions == slow.positions and fast.mean > 0
+    assert fast.mean == pytest.approx(slow.mean, rel=1e-5)
+    for head in fast.per_head:
+        assert fast.per_head[head] == pytest.approx(slow.per_head[head], rel=1e-5, abs=1e-12)
+
+
 @pytest.mark.parametrize("samples", [0, -5])
 def test_non_positive_samples_are_refused(samples):
     with pytest.raises(ParameterError, match="positive number of samples"):

@@ -288,7 +288,7 @@ BARS = Stage(
         CHECKPOINT,
         THREADS,
     ),
-    code_version="2",  # 2: causal losses over length-sorted chunks (equal up to float rounding, ~1.8x faster)
+    code_version="2",  # 2: Bar B, Bar C and Bar Pr over length-sorted chunks (equal up to float rounding)
 )
 
 

@@ -41,6 +41,9 @@ from polyrot.toy.model import HEADS, DyckTransformer
 EPS = 1e-6
 THRESHOLD = 1e-4
 BATCH_SEQUENCES = 2048
+# Rows a forward pass takes, in order of length (Batch.by_length): the KL is a sum over positions,
+# so length-sorted, trimmed chunks give the padded batch's sums without computing its PAD.
+FORWARD_ROWS = 256
 MIX = {"train": 0.6, "compositional": 0.2, "long": 0.2}
 LENGTHS = {"train": (2, 48), "long": (50, 60)}
 # The paper's cross-seed sample: 8 batches of 256 sequences, lengths 2–48, rng 99.
@@ -108,7 +111,7 @@ def draw_batch(index: int, n: int, seed: int) -> tuple[str, Batch]:
 
 @torch.no_grad()
 def bar_b(model: DyckTransformer, samples: int, *, seed: int = 0, batch_sequences: int = BATCH_SEQUENCES,
-          eps: float = EPS, progress: bool = False) -> BarB:
+          eps: float = EPS, progress: bool = False, chunk: int = FORWARD_ROWS) -> BarB:
     """Bar B of `model` against the spec on `samples` sequences (see the module docstring)."""
     if samples <= 0:
         raise ParameterError(f"Bar B needs a positive number of samples, got {samples}")
@@ -121,13 +124,14 @@ def bar_b(model: DyckTransformer, samples: int, *, seed: int = 0, batch_sequence
     totals, counts = np.zeros(n_batches), np.zeros(n_batches)
     for i in tqdm(range(n_batches), desc="Bar B", disable=not progress, leave=False):
         split, batch = draw_batch(i, min(batch_sequences, samples - i * batch_sequences), seed)
-        logits = model(batch.tokens)
         n = int(batch.mask.sum())
-        for head in HEADS:
-            kl = float(kl_to_spec(logits[head][batch.mask], getattr(batch, head)[batch.mask], eps).sum())
-            head_kl[head] += kl
-            split_kl[split] += kl
-            totals[i] += kl
+        for _, part in batch.by_length(chunk):
+            logits = model(part.tokens)
+            for head in HEADS:
+                kl = float(kl_to_spec(logits[head][part.mask], getattr(part, head)[part.mask], eps).sum())
+                head_kl[head] += kl
+                split_kl[split] += kl
+                totals[i] += kl
         split_n[split] += n
         counts[i] = len(HEADS) * n
     positions = int(counts.sum()) // len(HEADS)
@@ -151,8 +155,7 @@ def model_kl(reference: DyckTransformer, model: DyckTransformer, batch: Batch,
     models run in float64."""
     ref64, model64 = _float64(reference), _float64(model)
     sums = dict.fromkeys(HEADS, 0.0)
-    for lo in range(0, len(batch), chunk):
-        part = batch.select(slice(lo, lo + chunk))
+    for _, part in batch.by_length(chunk):
         p, q = ref64(part.tokens), model64(part.tokens)
         for head in HEADS:
             sums[head] += float(kl_between(p[head][part.mask], q[head][part.mask]).sum())
