@@ -11,7 +11,7 @@ the sum over the three heads of the masked mean cross-entropy (train.loss_fn).
 Every loss here runs over the batch in chunks of rows of similar length (Batch.by_length), each
 trimmed to its longest row, with each chunk's cross-entropy sum divided by the whole batch's token
 count. The loss is a sum over tokens, so the chunks' losses, effects and attributions add up to the
-batch's, while a random batch is ~47% PAD and a length-sorted chunk almost none.
+batch's, while a random training-split batch is about half PAD and a length-sorted chunk almost none.
 
 Predicted effect: attribution patching and integrated gradients (polyrot.core.attribution) at
 the clean run. IG tracks mean ablation while AP, a first-order guess near a converged minimum,
