@@ -12,7 +12,9 @@ whatever the batch size, so small batches are not timed over a fraction of a sec
 non-PAD tokens, the ones the loss sees.
 
 The data share is the fraction of a training run's time that TrainingStream spends generating its
-chunks, at polyrot's measured step time.
+chunks, at polyrot's measured step time. The eval share is the fraction its evaluations take, every
+eval_every steps: two reads of the quick set (the weights and their EMA), and from the first
+confirmed 99% on also one read of the confirmation set.
 
     .venv/bin/python benchmarks/train_throughput.py [--threads 2 1] [--rounds 3] [--steps 1]
 """
@@ -38,6 +40,7 @@ from polyrot.toy.train import (
     TrainingStream,
     evaluate,
     loss_fn,
+    confirm_sets,
     make_optimizer,
     quick_sets,
 )
@@ -216,6 +219,16 @@ def measure(cfg: TrainConfig, contenders: dict[str, Contender], rounds: int) -> 
     return seconds
 
 
+def evaluation_seconds(model: nn.Module, sets, repeats: int = 3) -> float:
+    """Median wall seconds of polyrot.toy.train.evaluate on `sets`."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        evaluate(model, sets)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} CPUs"
@@ -244,13 +257,19 @@ def main() -> None:
     generation_s = chunk_generation_seconds(args.seed, cfg.mix())
     print(f"data generation: {generation_s:.3f} s per {CHUNK_ROWS}-sequence TrainingStream chunk")
 
-    quick = quick_sets(cfg)
+    quick, confirm = quick_sets(cfg), confirm_sets(cfg)
     print(f"\ntokens/s are non-PAD tokens; x ref: the median over rounds of the throughput ratio to the "
-          f"reference in the same round; eval share: one quick evaluation ({cfg.eval_sequences} sequences per "
-          f"split) against {cfg.eval_every} steps of the bucketed step")
+          f"reference in the same round; eval share: the time of one evaluation against {cfg.eval_every} steps "
+          f"of the bucketed step and it. Until a seed first confirms 99% an evaluation reads the quick set "
+          f"({cfg.eval_sequences} sequences a split) twice, for the weights and their EMA; from then on it "
+          f"also confirms the better of the two on the confirmation set ({cfg.confirm_sequences} a split).")
     header = f"{'threads':>7} {'batch':>5} {'contender':<28} {'tok/s':>9} {'x ref (min-max)':>17}"
     for threads in args.threads:
         torch.set_num_threads(threads)
+        model = DyckTransformer(seed=args.seed)
+        quick_s, confirm_s = (evaluation_seconds(model, sets) for sets in (quick, confirm))
+        print(f"\n{threads} thread(s): one evaluation of the quick set {quick_s:.2f} s, of the confirmation set "
+              f"{confirm_s:.2f} s")
         for batch_size in args.batch_sizes:
             print("\n" + header + "\n" + "-" * len(header))
             steps = max(1, args.steps * max(args.batch_sizes) // batch_size)
@@ -277,11 +296,10 @@ def main() -> None:
                 print(f"{threads:>7} {batch_size:>5} {name:<28} {c.tokens / statistics.median(seconds[name]):>9,.0f} "
                       f"{statistics.median(ratios):>7.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
             step_s = statistics.median(seconds["polyrot, bucketed"]) / steps
-            start = time.perf_counter()
-            evaluate(model, quick)
-            eval_s = time.perf_counter() - start
+            early, late = 2 * quick_s, 2 * quick_s + confirm_s
             print(f"data share {generation_s / (generation_s + step_s * (CHUNK_ROWS // batch_size)):.1%}; "
-                  f"eval share {eval_s / (eval_s + cfg.eval_every * step_s):.1%} ({eval_s:.2f} s per evaluation)")
+                  f"eval share {early / (early + cfg.eval_every * step_s):.1%} before the first 99%, "
+                  f"{late / (late + cfg.eval_every * step_s):.1%} after it")
     print(f"\nload average at end: {load_average()}")
 
 
