@@ -38,9 +38,9 @@ from polyrot.toy.recipe import TrainConfig
 from polyrot.toy.train import (
     CHUNK_ROWS,
     TrainingStream,
+    confirm_sets,
     evaluate,
     loss_fn,
-    confirm_sets,
     make_optimizer,
     quick_sets,
 )
