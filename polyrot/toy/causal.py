@@ -99,12 +99,16 @@ def _length_chunks(batch: Batch, chunk: int) -> tuple[list[Batch], float]:
     return [part for _, part in batch.by_length(chunk)], float(batch.mask.sum())
 
 
-@torch.no_grad()
 def ablation_effects(model: DyckTransformer, batch: Batch, means: Mapping[str, torch.Tensor],
                      chunk: int = CHUNK_ROWS) -> tuple[float, dict[str, float]]:
     """(clean loss, {component: loss with the component mean-ablated - clean loss})."""
     model.eval()
-    parts, tokens = _length_chunks(batch, chunk)
+    return _ablation_effects(model, *_length_chunks(batch, chunk), means)
+
+
+@torch.no_grad()
+def _ablation_effects(model: DyckTransformer, parts: list[Batch], tokens: float,
+                      means: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
     clean, effects = 0.0, dict.fromkeys(components(model.cfg), 0.0)
     for part in parts:
         part_clean = float(loss_fn(model(part.tokens), part, tokens))
@@ -121,8 +125,8 @@ def effect_table(model: DyckTransformer, batch: Batch, means: Mapping[str, torch
     its AP prediction; the clean loss is in `table.attrs["clean_loss"]`."""
     check_steps(ig_steps)
     model.eval()
-    clean_loss, measured = ablation_effects(model, batch, means, chunk)
     parts, tokens = _length_chunks(batch, chunk)
+    clean_loss, measured = _ablation_effects(model, parts, tokens, means)
     cleans = [clean_activations(model, part) for part in parts]
     rows = []
     for name in tqdm(components(model.cfg), desc="IG per component", disable=not progress, leave=False):
