@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from polyrot.toy.recipe import PROFILES, TrainConfig
 from polyrot.toy.task import HEADS, SPLITS
@@ -46,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--min-lr-ratio", type=float, help="the cosine's floor as a fraction of --lr")
+    parser.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay (the profile's otherwise)")
     parser.add_argument("--p-corrupt", type=float)
     parser.add_argument("--p-noise-tail", type=float, help="fraction of walks that continue as noise (the profile's otherwise)")
     parser.add_argument("--p-open-spread", type=float, help="spread of the walks' opening probability around 0.55")
@@ -60,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--from-checkpoint", type=Path,
                         help="train_seed checkpoint .safetensors (its .json beside it) to continue from")
     parser.add_argument("--out", type=Path, help="JSON path (default: a new file in benchmarks/results/)")
+    parser.add_argument("--save-kept", type=Path, help="write the kept model's weights to this .safetensors file")
     return parser.parse_args()
 
 
@@ -67,7 +69,8 @@ def main() -> None:
     args = parse_args()
     options = dict(
         threads=args.threads, max_steps=args.max_steps,
-        batch_size=args.batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio, p_corrupt=args.p_corrupt,
+        batch_size=args.batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay, p_corrupt=args.p_corrupt,
         p_noise_tail=args.p_noise_tail,
         p_open_spread=args.p_open_spread, eval_every=args.eval_every,
         extra_steps=args.extra_steps, bucketed=args.bucketed and args.bucketed == "true", ema_decay=args.ema_decay,
@@ -87,7 +90,7 @@ def main() -> None:
     load_start = load_average()
     print(f"torch {torch.__version__}; load average at start {shown(load_start)} on {os.cpu_count()} CPUs")
     print(f"profile {cfg.profile}, seed {cfg.seed}, batch {cfg.batch_size}, lr {cfg.lr} (floor {cfg.min_lr_ratio:g}×), "
-          f"mix {cfg.mix()}, bucketed {cfg.bucketed}, ema {cfg.ema_decay}, max {cfg.max_steps} steps, "
+          f"weight decay {cfg.weight_decay:g}, mix {cfg.mix()}, bucketed {cfg.bucketed}, ema {cfg.ema_decay}, max {cfg.max_steps} steps, "
           f"late batch {cfg.late_batch_size or '-'} from {cfg.late_batch_from:.0%}, "
           f"threads {cfg.threads or 'default'}")
 
@@ -145,6 +148,9 @@ def main() -> None:
         "kept": best, "milestones": milestones, "quick_crossing": state.quick_crossing, "history": history,
     }, indent=1))
     print(f"eval history: {out}")
+    if args.save_kept and state.best:
+        save_file(state.best.weights, str(args.save_kept))
+        print(f"kept weights: {args.save_kept}")
 
 
 if __name__ == "__main__":

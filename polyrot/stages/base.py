@@ -69,14 +69,6 @@ def non_negative(v) -> str | None:
     return None if v >= 0 else "must be non-negative"
 
 
-def unit_interval(v) -> str | None:
-    return None if 0 < v <= 1 else "must lie in (0, 1]"
-
-
-def fraction(v) -> str | None:
-    return None if 0 <= v <= 1 else "must lie in [0, 1]"
-
-
 def parse_numbers(raw: str, flag: str) -> list[float]:
     """Comma-separated numbers of a list-valued option (--alphas, --lambdas), each once, in order."""
     try:

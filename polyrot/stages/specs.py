@@ -19,13 +19,11 @@ from polyrot.stages.base import (
     Option,
     Stage,
     batch_options,
-    fraction,
     non_negative,
     positive,
-    unit_interval,
 )
 from polyrot.toy import task
-from polyrot.toy.recipe import PROFILES, TrainConfig
+from polyrot.toy.recipe import PROFILES, RANGES, TrainConfig, range_problem
 from polyrot.toy.task import EVAL_SPEC, SAE_SPEC
 
 # The paper's analysis constants that more than one stage exposes as an option default.
@@ -73,42 +71,41 @@ def _shown(value) -> str:
 _PROFILE_RECIPES = {name: TrainConfig.from_profile(name) for name in PROFILES}
 
 
-def recipe_option(name: str, kind: type, help: str, check=None) -> Option:
-    """A training-recipe option: left unset it takes the profile's value, which its help names."""
+def recipe_option(name: str, kind: type, help: str) -> Option:
+    """A training-recipe option: left unset it takes the profile's value, which its help names; its
+    value is checked against the recipe's own range for that field."""
     values = {profile: _shown(getattr(recipe, name)) for profile, recipe in _PROFILE_RECIPES.items()}
     shown = (f"default {values['cpu']}" if len(set(values.values())) == 1
              else "; ".join(f"{profile}: {value}" for profile, value in values.items()))
+    check = (lambda value: range_problem(name, value)) if name in RANGES else None
     return Option(name, kind, None, f"{help} ({shown})", check=check)
 
 
 # The options of train_seed that override one field of the profile's TrainConfig.
 RECIPE = (
-    recipe_option("batch_size", int, "sequences per step", check=positive),
-    recipe_option("max_steps", int, "step budget, which the cosine schedule spans", check=positive),
-    recipe_option("lr", float, "peak learning rate", check=positive),
-    recipe_option("min_lr_ratio", float, "the cosine's floor as a fraction of the peak", check=fraction),
-    recipe_option("eval_every", int, "steps between held-out evaluations", check=positive),
-    recipe_option("target_acc", float, "early-stop target: min held-out accuracy over split x head",
-                  check=unit_interval),
-    recipe_option("extra_steps", int, "steps to continue after first confirming target_acc", check=non_negative),
-    recipe_option("checkpoint_every", int, "steps between checkpoint artifacts", check=positive),
-    recipe_option("p_corrupt", float, "fraction of valid walks given one wrong-family closer", check=fraction),
+    recipe_option("batch_size", int, "sequences per step"),
+    recipe_option("max_steps", int, "step budget, which the cosine schedule spans"),
+    recipe_option("lr", float, "peak learning rate"),
+    recipe_option("min_lr_ratio", float, "the cosine's floor as a fraction of the peak"),
+    recipe_option("eval_every", int, "steps between held-out evaluations"),
+    recipe_option("target_acc", float, "early-stop target: min held-out accuracy over split x head"),
+    recipe_option("extra_steps", int, "steps to continue after first confirming target_acc"),
+    recipe_option("checkpoint_every", int, "steps between checkpoint artifacts"),
+    recipe_option("p_corrupt", float, "fraction of valid walks given one wrong-family closer"),
     recipe_option("p_noise_tail", float, "fraction of the other valid walks that continue as uniform noise "
-                  "from a random position: a violation deep in the stack, then a long tail", check=fraction),
+                  "from a random position: a violation deep in the stack, then a long tail"),
     recipe_option("p_open_spread", float, "each valid walk's opening probability drawn from 0.55 ± this; 0: "
-                  "0.55 for all", check=lambda v: None if 0 <= v <= 0.45 else "must lie in [0, 0.45]"),
+                  "0.55 for all"),
     recipe_option("bucketed", bool, "length-bucketed batches, the loss normalised per chunk; false: every "
                   "batch padded to the context"),
     recipe_option("ema_decay", float, "decay of the weights' moving average, kept when it evaluates better; "
-                  "0: none", check=lambda v: None if 0 <= v < 1 else "must lie in [0, 1)"),
+                  "0: none"),
     recipe_option("late_batch_size", int, "sequences per step from late_batch_from x max_steps on; 0: "
-                  "batch_size throughout", check=non_negative),
-    recipe_option("late_batch_from", float, "fraction of max_steps after which late_batch_size applies",
-                  check=fraction),
-    recipe_option("eval_sequences", int, "held-out sequences per split at each evaluation, the paper's size",
-                  check=positive),
+                  "batch_size throughout"),
+    recipe_option("late_batch_from", float, "fraction of max_steps after which late_batch_size applies"),
+    recipe_option("eval_sequences", int, "held-out sequences per split at each evaluation, the paper's size"),
     recipe_option("confirm_sequences", int, "held-out sequences per split that confirm a milestone and score "
-                  "the final model, ~10^6 tokens", check=positive),
+                  "the final model, ~10^6 tokens"),
 )
 RECIPE_OPTIONS = tuple(option.name for option in RECIPE)
 

@@ -39,6 +39,28 @@ CPU = dict(
 PROFILES = {"cpu": CPU, "paper": PAPER}
 
 
+_POSITIVE = ("must be positive", lambda v: v > 0)
+_NON_NEGATIVE = ("must be non-negative", lambda v: v >= 0)
+_FRACTION = ("must lie in [0, 1]", lambda v: 0 <= v <= 1)
+# Each numeric field's allowed values, stated once: TrainConfig enforces them and the stage options
+# (polyrot.stages.specs) check the CLI's and MLproject's values against them before a run starts.
+RANGES = {
+    **dict.fromkeys(("batch_size", "max_steps", "lr", "grad_clip", "eval_every", "checkpoint_every",
+                     "eval_sequences", "confirm_sequences"), _POSITIVE),
+    **dict.fromkeys(("warmup_steps", "extra_steps", "weight_decay", "threads", "late_batch_size"), _NON_NEGATIVE),
+    **dict.fromkeys(("min_lr_ratio", "p_corrupt", "p_noise_tail", "late_batch_from"), _FRACTION),
+    "target_acc": ("must lie in (0, 1]", lambda v: 0 < v <= 1),
+    "p_open_spread": ("must lie in [0, 0.45] (0.55 ± it in [0, 1])", lambda v: 0 <= v <= 0.45),
+    "ema_decay": ("must lie in [0, 1)", lambda v: 0 <= v < 1),
+}
+
+
+def range_problem(name: str, value) -> str | None:
+    """What is wrong with a value of the recipe field `name`, or None when it is allowed."""
+    says, allowed = RANGES[name]
+    return None if allowed(value) else says
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -92,24 +114,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.profile not in PROFILES:
             raise ParameterError(f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
-        for name in ("batch_size", "max_steps", "eval_every", "checkpoint_every", "eval_sequences",
-                     "confirm_sequences"):
-            if getattr(self, name) <= 0:
-                raise ParameterError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ParameterError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "extra_steps", "weight_decay", "threads", "late_batch_size"):
-            if getattr(self, name) < 0:
-                raise ParameterError(f"{name} must be non-negative, got {getattr(self, name)}")
-        if not 0 < self.target_acc <= 1:
-            raise ParameterError(f"target_acc must be in (0, 1], got {self.target_acc}")
-        if not all(0 <= p <= 1 for p in (self.min_lr_ratio, self.p_corrupt, self.p_noise_tail, self.late_batch_from)):
-            raise ParameterError("min_lr_ratio, p_corrupt, p_noise_tail and late_batch_from must lie in [0, 1]")
-        if not 0 <= self.p_open_spread <= 0.45:
-            raise ParameterError(f"p_open_spread must lie in [0, 0.45] (0.55 ± it in [0, 1]), got {self.p_open_spread}")
-        if not 0 <= self.ema_decay < 1:
-            raise ParameterError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        for name in RANGES:
+            problem = range_problem(name, getattr(self, name))
+            if problem:
+                raise ParameterError(f"{name} {problem}, got {getattr(self, name)}")
 
     @classmethod
     def from_profile(cls, profile: str = "cpu", **overrides) -> TrainConfig:
