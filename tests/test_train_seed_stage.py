@@ -96,10 +96,10 @@ def test_each_milestone_checkpoint_has_its_error_table(store, monkeypatch):
 def test_killed_run_resumes_to_the_uninterrupted_weights(store):
     flags = tiny_flags(seed=5, max_steps=400, checkpoint_every=100, eval_every=100, experiment="tests")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    exp = tracking.experiment_id("tests")  # made before the training process starts, not raced with it
     proc = subprocess.Popen([str(BIN / "polyrot"), "train-seed", *flags], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     client = MlflowClient()
-    exp = client.get_experiment_by_name("tests").experiment_id
     deadline, killed = time.time() + 120, None
     while time.time() < deadline and killed is None:
         time.sleep(0.2)
@@ -120,6 +120,33 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(store):
     b = load_file(tracking.artifact_dir(resumed_id) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert MlflowClient().get_run(resumed_id).data.tags[tracking.TAG_UPSTREAM + "resume"] == killed
+
+
+def test_a_run_resumed_with_a_larger_budget_continues_where_it_stopped(seed_run):
+    resumed = cli("train-seed", "--resume", seed_run, "--max-steps", "60", "--threads", "1",
+                  "--experiment", "tests-budget")
+    assert resumed.exit_code == 0, resumed.output
+    run = MlflowClient().get_run(resumed.stdout.strip())
+    assert run.data.params["recipe.max_steps"] == "60" and run.data.params["recipe.lr"] == "0.002"
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "acc.min")] == [60]
+    # The same as continuing the finished run's last checkpoint under the new budget by hand.
+    stem = tracking.artifact_dir(seed_run) / "checkpoints/step-000040"
+    state, cfg = train_module.restore_checkpoint(load_file(f"{stem}.safetensors"),
+                                                 json.loads(stem.with_suffix(".json").read_text()))
+    by_hand = train_module.train(state, TrainConfig.from_dict({**cfg.to_dict(), "max_steps": 60}), progress=False)
+    assert by_hand.step == 60 and by_hand.rows_consumed == 60 * 32
+    kept = load_file(tracking.artifact_dir(run.info.run_id) / "model.safetensors")
+    assert all(torch.equal(kept[k], by_hand.best.weights[k]) for k in kept)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--lr", "0.01"), "--lr 0.01 conflicts with the resumed run's 0.002; only --max-steps, --extra-steps may change"),
+    (("--max-steps", "40"), "--max-steps 40 must exceed the step of"),
+])
+def test_a_resumed_run_keeps_its_recipe_but_for_the_budget(seed_run, flags, message):
+    before = len(MlflowClient().search_runs([tracking.experiment_id("tests")]))
+    one_line_error(cli("train-seed", "--resume", seed_run, *flags, "--experiment", "tests"), message)
+    assert len(MlflowClient().search_runs([tracking.experiment_id("tests")])) == before
 
 
 def test_unknown_run_id(store):

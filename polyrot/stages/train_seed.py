@@ -58,15 +58,28 @@ def _last_checkpoint(run_id: str) -> str:
     return stems[-1]
 
 
+# What a resumed run may change: its budget. Every other field of the recipe shaped the weights, the
+# optimizer state and the data stream that the checkpoint holds. A new max_steps re-spans the cosine,
+# so from the resumed step on the rate follows the longer schedule.
+RESUME_BUDGET = ("max_steps", "extra_steps")
+
+
 def _resume_state(params: dict):
     stem = _last_checkpoint(params["resume"])
     tensors = load_file(tracking.fetch_artifact(params["resume"], stem + ".safetensors", stage=NAME, finished=False))
     meta = json.loads(tracking.fetch_artifact(params["resume"], stem + ".json", stage=NAME, finished=False).read_text())
     state, cfg = restore_checkpoint(tensors, meta)
     for name in specs.RECIPE_OPTIONS + ("seed",):
-        if params[name] is not None and params[name] != getattr(cfg, name):
-            raise ParameterError(f"--{name.replace('_', '-')} {params[name]} conflicts with the resumed run's {getattr(cfg, name)}")
-    return state, TrainConfig.from_dict({**cfg.to_dict(), "threads": params["threads"], "device": params["device"] or "auto"})
+        if name not in RESUME_BUDGET and params[name] is not None and params[name] != getattr(cfg, name):
+            may_change = ", ".join("--" + b.replace("_", "-") for b in RESUME_BUDGET)
+            raise ParameterError(f"--{name.replace('_', '-')} {params[name]} conflicts with the resumed run's "
+                                 f"{getattr(cfg, name)}; only {may_change} may change")
+    budget = {name: params[name] for name in RESUME_BUDGET if params[name] is not None}
+    if budget.get("max_steps", state.step + 1) <= state.step:
+        raise ParameterError(f"--max-steps {budget['max_steps']} must exceed the step of {params['resume']}'s "
+                             f"last checkpoint, {state.step}")
+    return state, TrainConfig.from_dict({**cfg.to_dict(), **budget, "threads": params["threads"],
+                                         "device": params["device"] or "auto"})
 
 
 def _shared_io(run_id: str) -> dict[str, torch.Tensor]:
