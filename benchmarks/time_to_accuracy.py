@@ -90,7 +90,8 @@ def main() -> None:
     load_start = load_average()
     print(f"torch {torch.__version__}; load average at start {shown(load_start)} on {os.cpu_count()} CPUs")
     print(f"profile {cfg.profile}, seed {cfg.seed}, batch {cfg.batch_size}, lr {cfg.lr} (floor {cfg.min_lr_ratio:g}×), "
-          f"weight decay {cfg.weight_decay:g}, mix {cfg.mix()}, bucketed {cfg.bucketed}, ema {cfg.ema_decay}, max {cfg.max_steps} steps, "
+          f"weight decay {cfg.weight_decay:g}, mix {cfg.mix()}, bucketed {cfg.bucketed}, ema {cfg.ema_decay}, "
+          f"max {cfg.max_steps} steps, "
           f"late batch {cfg.late_batch_size or '-'} from {cfg.late_batch_from:.0%}, "
           f"threads {cfg.threads or 'default'}")
 

@@ -133,10 +133,13 @@ def test_a_run_resumed_with_a_larger_budget_continues_where_it_stopped(seed_run)
     stem = tracking.artifact_dir(seed_run) / "checkpoints/step-000040"
     state, cfg = train_module.restore_checkpoint(load_file(f"{stem}.safetensors"),
                                                  json.loads(stem.with_suffix(".json").read_text()))
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
     by_hand = train_module.train(state, TrainConfig.from_dict({**cfg.to_dict(), "max_steps": 60}), progress=False)
     assert by_hand.step == 60 and by_hand.rows_consumed == 60 * 32
-    kept = load_file(tracking.artifact_dir(run.info.run_id) / "model.safetensors")
-    assert all(torch.equal(kept[k], by_hand.best.weights[k]) for k in kept)
+    last = load_file(tracking.artifact_dir(run.info.run_id) / "checkpoints/step-000060.safetensors")
+    weights = by_hand.model.state_dict()
+    assert all(torch.equal(last[f"model.{k}"], weights[k]) for k in weights)
+    assert not all(torch.equal(before[k], weights[k]) for k in weights)  # 20 more steps moved them
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -118,7 +118,7 @@ TRAIN_SEED = Stage(
         Option("shared_io_from", str, None, "train_seed run ID whose W_E and unembeddings are copied and frozen (Cohort A)",
                run_ids=True),
         Option("resume", str, None, "train_seed run ID to continue from its last checkpoint; the recipe comes from "
-               "it, but for a larger --max-steps or --extra-steps (the cosine then spans the new budget)",
+               "it, but for a new --max-steps or --extra-steps (the cosine then spans the new budget)",
                run_ids=True),
         Option("threads", int, 0, "torch threads (0: torch's default); 1 makes training bit-reproducible",
                check=non_negative),
