@@ -6,16 +6,22 @@ import pytest
 import torch
 
 from polyrot.toy.error_analysis import (
+    MATCHES,
+    PAIRS_CAP,
     POSITION_BIN,
     SINCE_CAP,
+    VIOLATION_KINDS,
     draw_readings,
     error_table,
+    first_violations,
     row_errors,
     since_first_violation,
+    violation_table,
     worst_cells,
 )
 from polyrot.toy.model import DyckTransformer
-from polyrot.toy.task import HEADS, SPLITS
+from polyrot.toy.dyck import label_tokens
+from polyrot.toy.task import CLOSERS, HEADS, MAX_DEPTH, OPENERS, SPLITS
 from polyrot.toy.train import EvalSets, evaluate
 
 
@@ -119,3 +125,62 @@ def test_draws_of_every_row_read_the_whole_set_and_smaller_draws_spread():
     assert small["min_p05"] <= 0.95 and small["min_median"] == 1.0
     with pytest.raises(ValueError, match="cannot draw 101 rows from 100"):
         draw_readings(rows, 101, target=0.99)
+
+
+def reference_violation(row: list[int]) -> tuple[int, int, int, int]:
+    """One row's first violation with a list for a stack: (at, kind, pairs_between, matches)."""
+    stack = []  # positions of the open brackets
+    for t, tok in enumerate(row):
+        if tok in OPENERS:
+            if len(stack) == MAX_DEPTH:
+                return t, VIOLATION_KINDS.index("opener past max depth"), -1, -1
+            stack.append(t)
+        elif tok in CLOSERS:
+            if not stack:
+                return t, VIOLATION_KINDS.index("empty-stack closer"), -1, -1
+            opener = OPENERS[CLOSERS.index(tok)]
+            if row[stack[-1]] != opener:
+                pairs = min((t - stack[-1] - 1) // 2, PAIRS_CAP)
+                if len(stack) > 1 and row[stack[-2]] == opener:
+                    return t, 1, pairs, MATCHES.index("beneath")
+                closed = opener in row[stack[-1] + 1:t]
+                return t, 1, pairs, MATCHES.index("closed pair" if closed else "neither")
+            stack.pop()
+    return -1, -1, -1, -1
+
+
+def test_first_violations_equal_a_list_stack_and_the_valid_labels(sets):
+    rows = [[1, 3, 5, 6, 7, 8, 6, 2],  # ( [] {} ]   closes a pair already closed
+            [1, 5, 3, 7, 8, 5, 6, 6],  # [ ( {} [] ]  matches the opener beneath
+            [1, 3, 7, 8, 6, 2],        # ( {} ]       neither
+            [1, 4, 2],                 # )            on an empty stack
+            [1] + [3] * (MAX_DEPTH + 1)]  # one opener too many
+    hand = torch.tensor([row + [0] * (MAX_DEPTH + 2 - len(row)) for row in rows])
+    expected = [(6, 1, 2, 1), (7, 1, 2, 0), (4, 1, 1, 2), (1, 0, -1, -1), (MAX_DEPTH + 1, 2, -1, -1)]
+    got = first_violations(hand)
+    assert list(zip(*(got[k].tolist() for k in ("at", "kind", "pairs_between", "matches")))) == expected
+    for batch in [*sets.batches.values(), label_tokens(hand)]:
+        got = first_violations(batch.tokens)
+        slow = [reference_violation(row) for row in batch.tokens.tolist()]
+        assert list(zip(*(got[k].tolist() for k in ("at", "kind", "pairs_between", "matches")))) == slow
+        labelled = torch.where(batch.valid.any(1), batch.valid.int().argmax(1), -1)
+        assert got["at"].tolist() == labelled.tolist()
+
+
+def test_the_violation_table_counts_each_rows_misread_as_the_padded_model_does(model, sets):
+    table = violation_table(model, sets.batches, chunk=7)
+    for split, batch in sets.batches.items():
+        first = first_violations(batch.tokens)
+        with torch.no_grad():
+            logits = model.eval()(batch.tokens)
+        rows = torch.from_numpy(first["at"] >= 0)
+        at = torch.from_numpy(first["at"])[rows]
+        ours = table[table["split"] == split]
+        assert ours["rows"].sum() == int(batch.valid.any(1).sum())
+        for h in ("depth", "valid"):
+            wrong = logits[h][rows, at].argmax(-1) != getattr(batch, h)[rows, at]
+            assert ours[f"{h}_missed"].sum() == int(wrong.sum())
+    family = table[table["kind"] == "wrong-family closer"]
+    assert set(family["matches"]) <= set(MATCHES) and family["pairs_between"].between(0, PAIRS_CAP).all()
+    assert (table[table["kind"] != "wrong-family closer"]["matches"] == "").all()
+    assert table["depth_missed"].sum() > 0  # an untrained model misreads some: the count is not vacuous

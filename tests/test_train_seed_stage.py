@@ -19,7 +19,7 @@ from polyrot.stages import STAGES
 from polyrot.stages.specs import RECIPE, RECIPE_OPTIONS, TRAIN_SEED
 from polyrot.stages.train_seed import load_seed
 from polyrot.toy import train as train_module
-from polyrot.toy.error_analysis import error_table
+from polyrot.toy.error_analysis import error_table, violation_table
 from polyrot.toy.model import SHARED_IO
 from polyrot.toy.recipe import PROFILES, TrainConfig
 from polyrot.toy.train import confirm_sets
@@ -65,6 +65,12 @@ def test_a_run_records_params_metrics_artifacts_and_provenance(seed_run):
     depth = errors[(errors["feature"] == "depth") & (errors["split"] == "long") & (errors["head"] == "valid")]
     wrong = depth["errors"].sum() / depth["positions"].sum()
     assert abs(wrong - (1 - metrics["final.acc.long.valid"])) < 1e-9 and tags[tracking.TAG_DIGEST + "errors.csv"]
+    # The violation table holds every confirmation row that breaks the grammar, once.
+    violations = pd.read_csv(artifacts / "violations.csv")
+    confirm = confirm_sets(TrainConfig.from_profile("cpu", **TINY_TRAIN))
+    for split, batch in confirm.batches.items():
+        assert violations[violations["split"] == split]["rows"].sum() == int(batch.valid.any(1).sum())
+    assert tags[tracking.TAG_DIGEST + "violations.csv"]
 
 
 def test_cohort_a_keeps_the_shared_io_bit_identical(seed_run):
@@ -91,6 +97,8 @@ def test_each_milestone_checkpoint_has_its_error_table(store, monkeypatch):
     model = load_seed(run_id, "first-0.0")
     confirm = confirm_sets(TrainConfig.from_profile("cpu", **TINY_TRAIN))
     pd.testing.assert_frame_equal(errors, error_table(model, confirm.batches), check_dtype=False)
+    violations = pd.read_csv(artifacts / "checkpoints/first-0.0.violations.csv", keep_default_na=False)
+    pd.testing.assert_frame_equal(violations, violation_table(model, confirm.batches), check_dtype=False)
 
 
 def test_killed_run_resumes_to_the_uninterrupted_weights(store):

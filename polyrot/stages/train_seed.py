@@ -7,10 +7,13 @@ Artifacts (the contract later stages read):
   errors.csv                              where the kept model is still wrong on the confirmation sets
                                           (polyrot.toy.error_analysis: split, head, depth, distance
                                           from the first violation, position)
+  violations.csv                          how it reads each row's first violation, by configuration
+                                          (kind; for a wrong-family closer, the closed pairs before
+                                          it and the opener its family matches)
   checkpoints/step-NNNNNN.safetensors     model + optimizer tensors, every checkpoint_every steps
   checkpoints/step-NNNNNN.json            step, data-stream position, optimizer groups, recipe
   checkpoints/first-0.99.*                the first checkpoint confirmed at each accuracy milestone,
-                                          with its own errors.csv (first-0.99.errors.csv)
+                                          with its own tables (first-0.99.errors.csv, .violations.csv)
 
 Metrics final.* score the kept model on the confirmation sets (~10^6 tokens a split); final.draws.*
 read it as the paper's early stop would, on 1,000 draws of 8 x 256 of those rows a split
@@ -29,7 +32,7 @@ from polyrot import tracking
 from polyrot.core.device import resolve_device
 from polyrot.errors import ArtifactMissingError, ParameterError
 from polyrot.stages import specs
-from polyrot.toy.error_analysis import draw_readings, error_table, row_errors
+from polyrot.toy.error_analysis import draw_readings, error_table, row_errors, violation_table
 from polyrot.toy.model import SHARED_IO, load_model, save_model
 from polyrot.toy.recipe import TrainConfig
 from polyrot.toy.task import PAPER_EVAL_SEQUENCES
@@ -122,9 +125,7 @@ def run(params: dict) -> str:
             run.log_artifact(f"checkpoints/{tag}.safetensors")
             run.log_artifact(f"checkpoints/{tag}.json")
             if tag.startswith("first-"):  # where a milestone's model is wrong aims the next training-mix lever
-                error_table(st.evaluated_model(), confirm.batches).to_csv(run.path(f"checkpoints/{tag}.errors.csv"),
-                                                                          index=False)
-                run.log_artifact(f"checkpoints/{tag}.errors.csv")
+                _log_error_tables(run, st.evaluated_model(), confirm, f"checkpoints/{tag}.")
 
         state = train(state, cfg, on_eval=on_eval, on_checkpoint=on_checkpoint)
         if state.step % cfg.checkpoint_every:
@@ -147,14 +148,21 @@ def run(params: dict) -> str:
         save_model(model, run.staging)
         run.log_artifact("model.safetensors")
         run.log_artifact("config.json")
-        error_table(model, confirm.batches).to_csv(run.path("errors.csv"), index=False)
-        run.log_artifact("errors.csv")
+        _log_error_tables(run, model, confirm, "")
         run.log_json("train.json", {"recipe": cfg.to_dict(), "steps": state.step, "milestones": state.milestones,
                                     "first_crossing": state.first_crossing, "quick_crossing": state.quick_crossing,
                                     "final": final, "final_draws": draws,
                                     "final_weights": state.best and {"step": state.best.step, "source": state.best.source}})
         run.set_tags({tracking.TAG_MILESTONE + k: v for k, v in state.milestones.items()})
         return run.run_id
+
+
+def _log_error_tables(run, model, confirm, prefix: str) -> None:
+    """Where `model` is still wrong on the confirmation sets, as the artifacts {prefix}errors.csv
+    and {prefix}violations.csv."""
+    for name, table in (("errors", error_table), ("violations", violation_table)):
+        table(model, confirm.batches).to_csv(run.path(f"{prefix}{name}.csv"), index=False)
+        run.log_artifact(f"{prefix}{name}.csv")
 
 
 _CHECKPOINT_NAME = re.compile(r"(step-\d{6}|first-[0-9.]+)")

@@ -14,6 +14,12 @@ the held-out set have that value, `errors` of them are predicted wrongly. The fe
   since_violation  positions since the row's first grammar violation: -1 before it (the row is
                    still valid there), 0 at it, capped at SINCE_CAP
   position         the position in the sequence, in bins of POSITION_BIN (BOS is position 0)
+
+A misread at the first violation is what freezes a row's depth wrong, so `violation_table` sorts
+the rows by what their first violation is (a closer on an empty stack, a closer of the wrong
+family, an opener past MAX_DEPTH) and, for a wrong family, by the closed pairs between the closer
+and the opener it fails to match and by which opener its family does match. That is the measured
+shape of the last errors: see docs/findings.md.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import torch
 
 from polyrot.toy.dyck import Batch
 from polyrot.toy.model import DyckTransformer
-from polyrot.toy.task import HEADS, N_CTX, N_DEPTH_CLASSES
+from polyrot.toy.task import CLOSERS, HEADS, MAX_DEPTH, N_CTX, N_DEPTH_CLASSES, OPENERS
 
 SINCE_CAP = 16
+PAIRS_CAP = 3  # closed pairs between a wrong-family closer and the top opener: 0, 1, 2, 3 or more
 POSITION_BIN = 8
 FEATURES = ("depth", "since_violation", "position")
 
@@ -124,3 +131,77 @@ def draw_readings(rows: dict[str, tuple[np.ndarray, np.ndarray]], n_rows: int, t
         mins = np.minimum(mins, accuracy.min(1))
     return {"pass_rate": float((mins >= target).mean()), "min_median": float(np.median(mins)),
             "min_p05": float(np.quantile(mins, 0.05))}
+
+
+# A first violation's kind, and (for a wrong-family closer) the opener its family matches: the one
+# beneath the top of the stack, one of a pair already closed since the top opened, or neither.
+VIOLATION_KINDS = ("empty-stack closer", "wrong-family closer", "opener past max depth")
+MATCHES = ("beneath", "closed pair", "neither")
+
+
+def first_violations(tokens: torch.Tensor) -> dict[str, np.ndarray]:
+    """Each row's first violation, as [B] arrays: `at` its position (-1 in a valid row), `kind` an
+    index into VIOLATION_KINDS, and for a wrong-family closer `pairs_between` (the closed pairs
+    between it and the top opener, capped at PAIRS_CAP) and `matches` (an index into MATCHES);
+    -1 where they do not apply."""
+    ids = tokens.detach().cpu().numpy().astype(np.int64)
+    n, length = ids.shape
+    rows = np.arange(n)
+    opened_at = np.zeros((n, MAX_DEPTH), dtype=np.int64)  # position of each open bracket
+    depth = np.zeros(n, dtype=np.int64)
+    out = {key: np.full(n, -1, dtype=np.int64) for key in ("at", "kind", "pairs_between", "matches")}
+    for t in range(length):
+        tok = ids[:, t]
+        live = out["at"] < 0
+        is_open = live & np.isin(tok, OPENERS)
+        is_close = live & np.isin(tok, CLOSERS)
+        top = opened_at[rows, np.maximum(depth - 1, 0)]
+        empty = is_close & (depth == 0)
+        wrong = is_close & (depth > 0) & (ids[rows, top] + 1 != tok)
+        too_deep = is_open & (depth == MAX_DEPTH)
+        for kind, fails in enumerate((empty, wrong, too_deep)):
+            out["at"][fails], out["kind"][fails] = t, kind
+        out["pairs_between"][wrong] = np.minimum((t - top[wrong] - 1) // 2, PAIRS_CAP)
+        for r in np.flatnonzero(wrong):
+            beneath = depth[r] >= 2 and ids[r, opened_at[r, depth[r] - 2]] + 1 == tok[r]
+            closed = (ids[r, top[r] + 1:t] + 1 == tok[r]).any()
+            out["matches"][r] = 0 if beneath else 1 if closed else 2
+        push, pop = is_open & ~too_deep, is_close & ~empty & ~wrong
+        opened_at[rows[push], depth[push]] = t
+        depth += push.astype(np.int64) - pop.astype(np.int64)
+    return out
+
+
+@torch.no_grad()
+def violation_table(model: DyckTransformer, batches: dict[str, Batch], chunk: int = 128) -> pd.DataFrame:
+    """How `model` reads each held-out row's first violation, counted by its configuration
+    (first_violations). Columns: split, kind, pairs_between, matches, rows, depth_missed and
+    valid_missed (rows whose depth or valid head is wrong at the violating token itself)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    counts = []
+    for split, batch in batches.items():
+        first = first_violations(batch.tokens)
+        missed = np.zeros((len(batch), 2), dtype=bool)
+        for rows, part in batch.by_length(chunk):
+            at = torch.from_numpy(first["at"][rows.numpy()])
+            hit = at >= 0
+            if not hit.any():
+                continue
+            logits = model(part.tokens.to(device))
+            where = (torch.arange(len(part))[hit], at[hit])
+            for i, h in enumerate(("depth", "valid")):
+                wrong = logits[h].argmax(-1).cpu()[where] != getattr(part, h)[where]
+                missed[rows[hit].numpy(), i] = wrong.numpy()
+        frame = pd.DataFrame({"kind": first["kind"], "pairs_between": first["pairs_between"],
+                              "matches": first["matches"], "depth_missed": missed[:, 0],
+                              "valid_missed": missed[:, 1]})[first["at"] >= 0]
+        cells = frame.groupby(["kind", "pairs_between", "matches"], as_index=False).agg(
+            rows=("depth_missed", "size"), depth_missed=("depth_missed", "sum"), valid_missed=("valid_missed", "sum"))
+        counts.append(cells.assign(split=split))
+    table = pd.concat(counts, ignore_index=True)
+    table["kind"] = table["kind"].map(dict(enumerate(VIOLATION_KINDS)))
+    table["matches"] = table["matches"].map(dict(enumerate(MATCHES))).fillna("")
+    model.train(was_training)
+    return table[["split", "kind", "pairs_between", "matches", "rows", "depth_missed", "valid_missed"]]
