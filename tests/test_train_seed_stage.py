@@ -130,6 +130,19 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(store):
     assert MlflowClient().get_run(resumed_id).data.tags[tracking.TAG_UPSTREAM + "resume"] == killed
 
 
+def test_a_resumed_run_holds_the_milestone_checkpoints_of_the_run_it_continues(store, monkeypatch):
+    monkeypatch.setattr(train_module, "MILESTONES", (0.0,))  # confirmed at the first evaluation, step 20
+    first = STAGES["train_seed"](seed=9, experiment="tests", **TINY_TRAIN)
+    resumed = STAGES["train_seed"](resume=first, max_steps=60, experiment="tests-budget", threads=1)
+    tags = MlflowClient().get_run(resumed).data.tags
+    assert tags[tracking.TAG_MILESTONE + "0.0"] == "20"
+    for suffix in ("safetensors", "json", "errors.csv", "violations.csv"):
+        path = f"checkpoints/first-0.0.{suffix}"
+        assert tags[tracking.TAG_DIGEST + path] == MlflowClient().get_run(first).data.tags[tracking.TAG_DIGEST + path]
+    original, carried = load_seed(first, "first-0.0"), load_seed(resumed, "first-0.0")
+    assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), carried.state_dict().values()))
+
+
 def test_a_run_resumed_with_a_larger_budget_continues_where_it_stopped(seed_run):
     resumed = cli("train-seed", "--resume", seed_run, "--max-steps", "60", "--threads", "1",
                   "--experiment", "tests-budget")

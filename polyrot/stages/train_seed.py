@@ -12,7 +12,8 @@ Artifacts (the contract later stages read):
                                           it and the opener its family matches)
   checkpoints/step-NNNNNN.safetensors     model + optimizer tensors, every checkpoint_every steps
   checkpoints/step-NNNNNN.json            step, data-stream position, optimizer groups, recipe
-  checkpoints/first-0.99.*                the first checkpoint confirmed at each accuracy milestone,
+  checkpoints/first-0.99.*                the first checkpoint confirmed at each accuracy milestone
+                                          (a resumed run copies those of the run it continues),
                                           with its own tables (first-0.99.errors.csv, .violations.csv)
 
 Metrics final.* score the kept model on the confirmation sets (~10^6 tokens a split); final.draws.*
@@ -85,6 +86,18 @@ def _resume_state(params: dict):
                                          "device": params["device"] or "auto"})
 
 
+def _carry_milestones(run, source: str, milestones: dict[str, int]) -> None:
+    """Copy into a resumed run the milestone checkpoints (and their tables) that `source` already
+    holds, so that a seed's run holds every milestone it passed and `--checkpoint first-0.99` reads
+    the same weights whichever run of the chain got there."""
+    tags = tracking.fetch_run(source, NAME, finished=False).data.tags
+    for m in milestones:
+        prefix = f"{tracking.TAG_DIGEST}checkpoints/first-{m}."
+        for path in sorted(tag[len(tracking.TAG_DIGEST):] for tag in tags if tag.startswith(prefix)):
+            tracking.fetch_artifact(source, path, stage=NAME, dst=run.path(path).parent, finished=False)
+            run.log_artifact(path)
+
+
 def _shared_io(run_id: str) -> dict[str, torch.Tensor]:
     weights = tracking.fetch_artifact(run_id, "model.safetensors", stage=NAME)
     source = load_file(weights)
@@ -117,6 +130,8 @@ def run(params: dict) -> str:
             run.log_metrics(metrics, step)
 
         confirm = confirm_sets(cfg)
+        if params["resume"]:
+            _carry_milestones(run, params["resume"], state.milestones)
 
         def on_checkpoint(st, tag: str) -> None:
             tensors, meta = checkpoint_payload(st, cfg)
