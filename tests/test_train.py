@@ -224,6 +224,35 @@ def test_resume_across_the_batch_switch_reaches_identical_weights():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_paper_mix_starts_at_its_fraction_of_the_budget():
+    cfg = TrainConfig.from_profile("cpu", max_steps=1000)
+    assert cfg.mix(799) == {"p_corrupt": 0.25, "p_noise_tail": 0.25, "p_open_spread": 0.25}
+    assert cfg.mix(800) == dict.fromkeys(cfg.mix(), 0.0) == TrainConfig.from_profile("paper").mix(0)
+    # A recipe saved before the field existed keeps its own mix to the end, as it trained.
+    saved = {k: v for k, v in cfg.to_dict().items() if k != "paper_mix_from"}
+    assert TrainConfig.from_dict(saved).mix(999) == cfg.mix(0)
+    with pytest.raises(ParameterError, match="paper_mix_from must lie in"):
+        TrainConfig.from_profile("cpu", paper_mix_from=1.5)
+
+
+def test_a_switch_to_the_paper_mix_trains_on_the_papers_batches_and_resumes_across_it():
+    paper_mix = dict.fromkeys(("p_corrupt", "p_noise_tail", "p_open_spread"), 0.0)
+    from_the_start = TrainConfig.from_profile("cpu", **{**TINY, "paper_mix_from": 0.0})
+    never = TrainConfig.from_profile("cpu", **{**TINY, **paper_mix, "paper_mix_from": 1.0})
+    a, b = weights(train(new_state(from_the_start), from_the_start, progress=False)), \
+        weights(train(new_state(never), never, progress=False))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Switched at step 15, killed at 30, resumed: the uninterrupted run's weights.
+    cfg = TrainConfig.from_profile("cpu", **{**TINY, "paper_mix_from": 0.25})
+    saved = {}
+    full = weights(train(new_state(cfg), cfg, progress=False,
+                         on_checkpoint=lambda st, tag: saved.setdefault(tag, checkpoint_payload(st, cfg))))
+    resumed, resumed_cfg = restore_checkpoint(*saved["step-000030"])
+    again = weights(train(resumed, resumed_cfg, progress=False))
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    assert not all(torch.equal(full[k], a[k]) for k in full)  # 15 steps of the cpu mix made a difference
+
+
 def test_the_kept_model_is_the_best_evaluated_one_and_the_ema_can_win():
     cfg = TrainConfig.from_profile("cpu", **{**TINY, "max_steps": 90, "eval_every": 30, "ema_decay": 0.9})
     history = []

@@ -96,6 +96,8 @@ RECIPE = (
                   "from a random position: a violation deep in the stack, then a long tail"),
     recipe_option("p_open_spread", float, "each valid walk's opening probability drawn from 0.55 ± this; 0: "
                   "0.55 for all"),
+    recipe_option("paper_mix_from", float, "fraction of max_steps from which the training batches are the "
+                  "paper's mix (no corruption, noise tail or spread); 1: never"),
     recipe_option("bucketed", bool, "length-bucketed batches, the loss normalised per chunk; false: every "
                   "batch padded to the context"),
     recipe_option("ema_decay", float, "decay of the weights' moving average, kept when it evaluates better; "
@@ -125,10 +127,11 @@ TRAIN_SEED = Stage(
         Option("device", str, None, "cpu, cuda or cuda:N; default: CUDA when torch sees one (bf16 autocast there, "
                "as the paper), else the CPU"),
     ),
-    code_version="6",  # 2: bucketed batches and the EMA in the cpu profile; the best evaluated model kept;
+    code_version="7",  # 2: bucketed batches and the EMA in the cpu profile; the best evaluated model kept;
     # 3: p_noise_tail 0.25 in the cpu profile; a first-0.995 checkpoint; 4: p_open_spread 0.25 in it;
     # 5: final.draws.* (the paper's early-stop reading), the quick crossing, an error table at each
-    # milestone (the weights are 4's); 6: the cpu profile's cosine floor at 0.25 of the peak
+    # milestone (the weights are 4's); 6: the cpu profile's cosine floor at 0.25 of the peak; 7: its
+    # last fifth on the paper's mix (paper_mix_from 0.8), violations.csv
 )
 
 

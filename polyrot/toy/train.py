@@ -266,7 +266,7 @@ class SeedLoop:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
         state.model.train()
-        self.stream = TrainingStream(cfg.seed, state.rows_consumed, cfg.bucketed, **cfg.mix())
+        self.stream = TrainingStream(cfg.seed, state.rows_consumed, cfg.bucketed, **cfg.mix(state.step))
         self.quick, self.confirm = quick_sets(cfg), None
         self.trainable = [p for p in state.model.parameters() if p.requires_grad]
         self.started = time.perf_counter()
@@ -285,6 +285,9 @@ class SeedLoop:
             group["lr"] = learning_rate(self.cfg, self.state.step)
 
     def next_batch(self) -> tuple[dyck.Batch, float | None]:
+        mix = self.cfg.mix(self.state.step)
+        if mix != self.stream.mix:  # the switch to the paper's mix: the same position, new chunks
+            self.stream = TrainingStream(self.cfg.seed, self.stream.rows, self.cfg.bucketed, **mix)
         batch, tokens = self.stream.next(batch_size(self.cfg, self.state.step))
         return batch.to(self.device), tokens
 
