@@ -50,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--p-corrupt", type=float)
     parser.add_argument("--p-noise-tail", type=float, help="fraction of walks that continue as noise (the profile's otherwise)")
     parser.add_argument("--p-open-spread", type=float, help="spread of the walks' opening probability around 0.55")
+    parser.add_argument("--paper-mix-from", type=float,
+                        help="fraction of --max-steps from which batches are the paper's mix (1: never)")
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--bucketed", choices=("true", "false"), help="length-bucketed batches (the profile's otherwise)")
     parser.add_argument("--ema-decay", type=float, help="decay of the weights' moving average; 0 for none")
@@ -72,7 +74,7 @@ def main() -> None:
         batch_size=args.batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay, p_corrupt=args.p_corrupt,
         p_noise_tail=args.p_noise_tail,
-        p_open_spread=args.p_open_spread, eval_every=args.eval_every,
+        p_open_spread=args.p_open_spread, paper_mix_from=args.paper_mix_from, eval_every=args.eval_every,
         extra_steps=args.extra_steps, bucketed=args.bucketed and args.bucketed == "true", ema_decay=args.ema_decay,
         late_batch_size=args.late_batch_size, late_batch_from=args.late_batch_from,
     )
@@ -90,8 +92,8 @@ def main() -> None:
     load_start = load_average()
     print(f"torch {torch.__version__}; load average at start {shown(load_start)} on {os.cpu_count()} CPUs")
     print(f"profile {cfg.profile}, seed {cfg.seed}, batch {cfg.batch_size}, lr {cfg.lr} (floor {cfg.min_lr_ratio:g}×), "
-          f"weight decay {cfg.weight_decay:g}, mix {cfg.mix()}, bucketed {cfg.bucketed}, ema {cfg.ema_decay}, "
-          f"max {cfg.max_steps} steps, "
+          f"weight decay {cfg.weight_decay:g}, mix {cfg.mix()} (the paper's from {cfg.paper_mix_from:.0%}), "
+          f"bucketed {cfg.bucketed}, ema {cfg.ema_decay}, max {cfg.max_steps} steps, "
           f"late batch {cfg.late_batch_size or '-'} from {cfg.late_batch_from:.0%}, "
           f"threads {cfg.threads or 'default'}")
 
