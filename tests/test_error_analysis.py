@@ -157,10 +157,10 @@ def test_first_violations_equal_a_list_stack_and_the_valid_labels(sets):
             [1] + [3] * (MAX_DEPTH + 1)]  # one opener too many
     hand = torch.tensor([row + [0] * (MAX_DEPTH + 2 - len(row)) for row in rows])
     expected = [(6, 1, 2, 1), (7, 1, 2, 0), (4, 1, 1, 2), (1, 0, -1, -1), (MAX_DEPTH + 1, 2, -1, -1)]
-    got = first_violations(hand)
+    got = first_violations(label_tokens(hand))
     assert list(zip(*(got[k].tolist() for k in ("at", "kind", "pairs_between", "matches")))) == expected
     for batch in [*sets.batches.values(), label_tokens(hand)]:
-        got = first_violations(batch.tokens)
+        got = first_violations(batch)
         slow = [reference_violation(row) for row in batch.tokens.tolist()]
         assert list(zip(*(got[k].tolist() for k in ("at", "kind", "pairs_between", "matches")))) == slow
         labelled = torch.where(batch.valid.any(1), batch.valid.int().argmax(1), -1)
@@ -170,7 +170,7 @@ def test_first_violations_equal_a_list_stack_and_the_valid_labels(sets):
 def test_the_violation_table_counts_each_rows_misread_as_the_padded_model_does(model, sets):
     table = violation_table(model, sets.batches, chunk=7)
     for split, batch in sets.batches.items():
-        first = first_violations(batch.tokens)
+        first = first_violations(batch)
         with torch.no_grad():
             logits = model.eval()(batch.tokens)
         rows = torch.from_numpy(first["at"] >= 0)

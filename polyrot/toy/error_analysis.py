@@ -30,7 +30,7 @@ import torch
 
 from polyrot.toy.dyck import Batch
 from polyrot.toy.model import DyckTransformer
-from polyrot.toy.task import CLOSERS, HEADS, MAX_DEPTH, N_CTX, N_DEPTH_CLASSES, OPENERS
+from polyrot.toy.task import HEADS, N_CTX, N_DEPTH_CLASSES, OPENERS
 
 SINCE_CAP = 16
 PAIRS_CAP = 3  # closed pairs between a wrong-family closer and the top opener: 0, 1, 2, 3 or more
@@ -139,36 +139,34 @@ VIOLATION_KINDS = ("empty-stack closer", "wrong-family closer", "opener past max
 MATCHES = ("beneath", "closed pair", "neither")
 
 
-def first_violations(tokens: torch.Tensor) -> dict[str, np.ndarray]:
-    """Each row's first violation, as [B] arrays: `at` its position (-1 in a valid row), `kind` an
-    index into VIOLATION_KINDS, and for a wrong-family closer `pairs_between` (the closed pairs
-    between it and the top opener, capped at PAIRS_CAP) and `matches` (an index into MATCHES);
-    -1 where they do not apply."""
-    ids = tokens.detach().cpu().numpy().astype(np.int64)
-    n, length = ids.shape
-    rows = np.arange(n)
-    opened_at = np.zeros((n, MAX_DEPTH), dtype=np.int64)  # position of each open bracket
-    depth = np.zeros(n, dtype=np.int64)
-    out = {key: np.full(n, -1, dtype=np.int64) for key in ("at", "kind", "pairs_between", "matches")}
-    for t in range(length):
-        tok = ids[:, t]
-        live = out["at"] < 0
-        is_open = live & np.isin(tok, OPENERS)
-        is_close = live & np.isin(tok, CLOSERS)
-        top = opened_at[rows, np.maximum(depth - 1, 0)]
-        empty = is_close & (depth == 0)
-        wrong = is_close & (depth > 0) & (ids[rows, top] + 1 != tok)
-        too_deep = is_open & (depth == MAX_DEPTH)
-        for kind, fails in enumerate((empty, wrong, too_deep)):
-            out["at"][fails], out["kind"][fails] = t, kind
-        out["pairs_between"][wrong] = np.minimum((t - top[wrong] - 1) // 2, PAIRS_CAP)
-        for r in np.flatnonzero(wrong):
-            beneath = depth[r] >= 2 and ids[r, opened_at[r, depth[r] - 2]] + 1 == tok[r]
-            closed = (ids[r, top[r] + 1:t] + 1 == tok[r]).any()
-            out["matches"][r] = 0 if beneath else 1 if closed else 2
-        push, pop = is_open & ~too_deep, is_close & ~empty & ~wrong
-        opened_at[rows[push], depth[push]] = t
-        depth += push.astype(np.int64) - pop.astype(np.int64)
+def first_violations(batch: Batch) -> dict[str, np.ndarray]:
+    """Each row's first violation, read off its labels, as [B] arrays: `at` its position (-1 in a
+    valid row), `kind` an index into VIOLATION_KINDS, and for a wrong-family closer `pairs_between`
+    (the closed pairs between it and the top opener, capped at PAIRS_CAP) and `matches` (an index
+    into MATCHES); -1 where they do not apply."""
+    tokens, depth = batch.tokens.numpy(), batch.depth.numpy()
+    n, length = tokens.shape
+    rows, positions = np.arange(n), np.arange(length)[None, :]
+    out = {key: np.full(n, -1, dtype=np.int64) for key in ("kind", "pairs_between", "matches")}
+    broken = batch.valid.numpy().astype(bool)
+    at = np.where(broken.any(1), broken.argmax(1), -1)
+    out["at"] = at
+    hit = at >= 0
+    tok = tokens[rows, at]
+    before = np.where(at > 0, depth[rows, at - 1], 0)  # the depth of the valid prefix
+    out["kind"][hit] = np.where(np.isin(tok, OPENERS), 2, np.where(before == 0, 0, 1))[hit]
+    # Before the violation the prefix is valid, so the opener on top of a stack of depth d is the
+    # last position whose depth rose to d, and the one beneath it the last rise to d - 1 before that.
+    rises = np.diff(depth, prepend=0, axis=1) == 1
+    earlier = positions < at[:, None]
+    top = np.where(rises & earlier & (depth == before[:, None]), positions, -1).max(1)
+    beneath = np.where(rises & (positions < top[:, None]) & (depth == before[:, None] - 1), positions, -1).max(1)
+    wrong = out["kind"] == 1
+    opener = tok - 1  # the opener of the closer's own family
+    between = (positions > top[:, None]) & earlier & (tokens == opener[:, None])
+    matches = np.where((beneath >= 0) & (tokens[rows, beneath] == opener), 0, np.where(between.any(1), 1, 2))
+    out["pairs_between"][wrong] = np.minimum((at - top - 1) // 2, PAIRS_CAP)[wrong]
+    out["matches"][wrong] = matches[wrong]
     return out
 
 
@@ -182,7 +180,7 @@ def violation_table(model: DyckTransformer, batches: dict[str, Batch], chunk: in
     device = next(model.parameters()).device
     counts = []
     for split, batch in batches.items():
-        first = first_violations(batch.tokens)
+        first = first_violations(batch)
         missed = np.zeros((len(batch), 2), dtype=bool)
         for rows, part in batch.by_length(chunk):
             at = torch.from_numpy(first["at"][rows.numpy()])
