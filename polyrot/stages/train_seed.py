@@ -86,14 +86,13 @@ def _resume_state(params: dict):
                                          "device": params["device"] or "auto"})
 
 
-def _carry_milestones(run, source: str, milestones: dict[str, int]) -> None:
+def _carry_milestones(run, source: str, source_tags: dict[str, str], milestones: dict[str, int]) -> None:
     """Copy into a resumed run the milestone checkpoints (and their tables) that `source` already
     holds, so that a seed's run holds every milestone it passed and `--checkpoint first-0.99` reads
     the same weights whichever run of the chain got there."""
-    tags = tracking.fetch_run(source, NAME, finished=False).data.tags
     for m in milestones:
         prefix = f"{tracking.TAG_DIGEST}checkpoints/first-{m}."
-        for path in sorted(tag[len(tracking.TAG_DIGEST):] for tag in tags if tag.startswith(prefix)):
+        for path in sorted(tag[len(tracking.TAG_DIGEST):] for tag in source_tags if tag.startswith(prefix)):
             tracking.fetch_artifact(source, path, stage=NAME, dst=run.path(path).parent, finished=False)
             run.log_artifact(path)
 
@@ -107,8 +106,8 @@ def _shared_io(run_id: str) -> dict[str, torch.Tensor]:
 def run(params: dict) -> str:
     if params["resume"]:
         state, cfg = _resume_state(params)
-        shared_from = tracking.fetch_run(params["resume"], NAME, finished=False).data.tags.get(
-            tracking.TAG_UPSTREAM + "shared_io")
+        resumed_tags = tracking.fetch_run(params["resume"], NAME, finished=False).data.tags
+        shared_from = resumed_tags.get(tracking.TAG_UPSTREAM + "shared_io")
         shared = _shared_io(shared_from) if shared_from else None
     else:
         cfg = TrainConfig.from_profile(
@@ -131,7 +130,7 @@ def run(params: dict) -> str:
 
         confirm = confirm_sets(cfg)
         if params["resume"]:
-            _carry_milestones(run, params["resume"], state.milestones)
+            _carry_milestones(run, params["resume"], resumed_tags, state.milestones)
 
         def on_checkpoint(st, tag: str) -> None:
             tensors, meta = checkpoint_payload(st, cfg)
