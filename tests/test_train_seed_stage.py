@@ -128,6 +128,19 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(store):
     b = load_file(tracking.artifact_dir(resumed_id) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert MlflowClient().get_run(resumed_id).data.tags[tracking.TAG_UPSTREAM + "resume"] == killed
+    assert client.get_run(killed).info.status == "FAILED"  # continued, the killed run no longer shows as training
+
+
+def test_a_run_whose_process_still_trains_is_not_resumed(seed_run):
+    client = MlflowClient()
+    assert client.get_run(seed_run).data.tags[tracking.TAG_PID] == str(os.getpid())  # trained in this process
+    client.update_run(seed_run, status="RUNNING")  # as if this process were still training it
+    try:
+        one_line_error(cli("train-seed", "--resume", seed_run, "--max-steps", "60", "--threads", "1"),
+                       f"run {seed_run} is still running (pid {os.getpid()} on this host); stop it before continuing it")
+        assert client.get_run(seed_run).info.status == "RUNNING"
+    finally:
+        client.update_run(seed_run, status="FINISHED")
 
 
 def test_a_resumed_run_holds_the_milestone_checkpoints_of_the_run_it_continues(store, monkeypatch):

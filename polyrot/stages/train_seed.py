@@ -105,6 +105,7 @@ def _shared_io(run_id: str) -> dict[str, torch.Tensor]:
 
 def run(params: dict) -> str:
     if params["resume"]:
+        tracking.claim_interrupted_run(params["resume"])
         state, cfg = _resume_state(params)
         resumed_tags = tracking.fetch_run(params["resume"], NAME, finished=False).data.tags
         shared_from = resumed_tags.get(tracking.TAG_UPSTREAM + "shared_io")

@@ -258,15 +258,34 @@ def fail_stale_runs(experiment: str) -> list[str]:
     Runs of other hosts are left alone: from here a live remote run looks the same as a dead one.
     """
     client = configure()
-    stale = []
-    for run in client.search_runs([experiment_id(experiment)], "attributes.status = 'RUNNING'", max_results=10_000):
-        tags = run.data.tags
-        if tags.get(TAG_HOST) != socket.gethostname() or not tags.get(TAG_PID, "").isdigit():
-            continue
-        if not _process_alive(int(tags[TAG_PID])):
-            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
-            stale.append(run.info.run_id)
+    stale = [run.info.run_id for run in client.search_runs([experiment_id(experiment)], "attributes.status = 'RUNNING'",
+                                                           max_results=10_000) if _process_of(run) is False]
+    for run_id in stale:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
     return stale
+
+
+def claim_interrupted_run(run_id: str) -> None:
+    """Before a run is continued by a new one: refuse if its process still runs on this host, and
+    mark it FAILED if that process is gone, so the UI no longer shows it training."""
+    client = configure()
+    run = client.get_run(run_id)
+    alive = _process_of(run)
+    if alive:
+        raise RunNotFinishedError(f"run {run_id} is still running (pid {run.data.tags[TAG_PID]} on this host); "
+                             "stop it before continuing it")
+    if alive is False:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+def _process_of(run) -> bool | None:
+    """Whether the process of a RUNNING run of this host is alive; None for a run that is not
+    RUNNING or runs elsewhere, whose process cannot be seen from here."""
+    tags = run.data.tags
+    if (run.info.status != "RUNNING" or tags.get(TAG_HOST) != socket.gethostname()
+            or not tags.get(TAG_PID, "").isdigit()):
+        return None
+    return _process_alive(int(tags[TAG_PID]))
 
 
 def _process_alive(pid: int) -> bool:
