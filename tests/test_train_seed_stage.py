@@ -186,8 +186,9 @@ def test_a_resumed_run_keeps_its_recipe_but_for_the_budget(seed_run, flags, mess
     assert len(MlflowClient().search_runs([tracking.experiment_id("tests")])) == before
 
 
-def test_unknown_run_id(store):
-    one_line_error(cli("train-seed", "--shared-io-from", "0123456789abcdef0123456789abcdef"), "not found")
+@pytest.mark.parametrize("option", ["--shared-io-from", "--resume"])
+def test_unknown_run_id(store, option):
+    one_line_error(cli("train-seed", option, "0123456789abcdef0123456789abcdef"), "not found")
 
 
 def test_unfinished_run(store):

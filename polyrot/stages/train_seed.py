@@ -105,10 +105,10 @@ def _shared_io(run_id: str) -> dict[str, torch.Tensor]:
 
 def run(params: dict) -> str:
     if params["resume"]:
-        tracking.claim_interrupted_run(params["resume"])
+        resumed = tracking.fetch_run(params["resume"], NAME, finished=False)
+        tracking.claim_interrupted_run(resumed)
         state, cfg = _resume_state(params)
-        resumed_tags = tracking.fetch_run(params["resume"], NAME, finished=False).data.tags
-        shared_from = resumed_tags.get(tracking.TAG_UPSTREAM + "shared_io")
+        shared_from = resumed.data.tags.get(tracking.TAG_UPSTREAM + "shared_io")
         shared = _shared_io(shared_from) if shared_from else None
     else:
         cfg = TrainConfig.from_profile(
@@ -131,7 +131,7 @@ def run(params: dict) -> str:
 
         confirm = confirm_sets(cfg)
         if params["resume"]:
-            _carry_milestones(run, params["resume"], resumed_tags, state.milestones)
+            _carry_milestones(run, params["resume"], resumed.data.tags, state.milestones)
 
         def on_checkpoint(st, tag: str) -> None:
             tensors, meta = checkpoint_payload(st, cfg)

@@ -265,17 +265,16 @@ def fail_stale_runs(experiment: str) -> list[str]:
     return stale
 
 
-def claim_interrupted_run(run_id: str) -> None:
-    """Before a run is continued by a new one: refuse if its process still runs on this host, and
-    mark it FAILED if that process is gone, so the UI no longer shows it training."""
-    client = configure()
-    run = client.get_run(run_id)
+def claim_interrupted_run(run) -> None:
+    """Before `run` (an MLflow run, as `fetch_run` returns it) is continued by a new one: refuse if
+    its process still runs on this host, and mark it FAILED if that process is gone, so the UI no
+    longer shows it training."""
     alive = _process_of(run)
     if alive:
-        raise RunNotFinishedError(f"run {run_id} is still running (pid {run.data.tags[TAG_PID]} on this host); "
-                             "stop it before continuing it")
+        raise RunNotFinishedError(f"run {run.info.run_id} is still running (pid {run.data.tags[TAG_PID]} on this "
+                                  "host); stop it before continuing it")
     if alive is False:
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        configure().set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
 def _process_of(run) -> bool | None:
