@@ -118,6 +118,8 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(store):
     proc.wait()
     assert killed, "the training run never reached its first checkpoint"
     assert client.get_run(killed).info.status == "RUNNING"  # SIGKILL leaves no chance to clean up
+    one_line_error(cli("train-seed", "--resume", killed, "--lr", "0.01", "--experiment", "tests"), "conflicts")
+    assert client.get_run(killed).info.status == "RUNNING"  # refused input leaves the killed run as it was
 
     resumed = cli("train-seed", "--resume", killed, "--threads", "1", "--experiment", "tests")
     assert resumed.exit_code == 0, resumed.output

@@ -53,8 +53,8 @@ _STEP_FILE = re.compile(r"checkpoints/step-(\d{6})\.safetensors$")
 
 
 def _last_checkpoint(run_id: str) -> str:
-    """Artifact path stem of the newest step checkpoint of a (possibly killed) training run."""
-    tracking.fetch_run(run_id, NAME, finished=False)
+    """Artifact path stem of the newest step checkpoint of a (possibly killed) training run, which
+    the caller has fetched through `tracking.fetch_run`."""
     stems = sorted(a.path[:-len(".safetensors")] for a in tracking.configure().list_artifacts(run_id, "checkpoints")
                    if _STEP_FILE.match(a.path))
     if not stems:
@@ -86,14 +86,14 @@ def _resume_state(params: dict):
                                          "device": params["device"] or "auto"})
 
 
-def _carry_milestones(run, source: str, source_tags: dict[str, str], milestones: dict[str, int]) -> None:
-    """Copy into a resumed run the milestone checkpoints (and their tables) that `source` already
-    holds, so that a seed's run holds every milestone it passed and `--checkpoint first-0.99` reads
-    the same weights whichever run of the chain got there."""
+def _carry_milestones(run, source, milestones: dict[str, int]) -> None:
+    """Copy into a resumed run the milestone checkpoints (and their tables) that the MLflow run
+    `source` already holds, so that a seed's run holds every milestone it passed and
+    `--checkpoint first-0.99` reads the same weights whichever run of the chain got there."""
     for m in milestones:
         prefix = f"{tracking.TAG_DIGEST}checkpoints/first-{m}."
-        for path in sorted(tag[len(tracking.TAG_DIGEST):] for tag in source_tags if tag.startswith(prefix)):
-            tracking.fetch_artifact(source, path, stage=NAME, dst=run.path(path).parent, finished=False)
+        for path in sorted(tag[len(tracking.TAG_DIGEST):] for tag in source.data.tags if tag.startswith(prefix)):
+            tracking.fetch_artifact(source.info.run_id, path, stage=NAME, dst=run.path(path).parent, finished=False)
             run.log_artifact(path)
 
 
@@ -106,8 +106,8 @@ def _shared_io(run_id: str) -> dict[str, torch.Tensor]:
 def run(params: dict) -> str:
     if params["resume"]:
         resumed = tracking.fetch_run(params["resume"], NAME, finished=False)
+        state, cfg = _resume_state(params)  # bad flags are refused before the resumed run is touched
         tracking.claim_interrupted_run(resumed)
-        state, cfg = _resume_state(params)
         shared_from = resumed.data.tags.get(tracking.TAG_UPSTREAM + "shared_io")
         shared = _shared_io(shared_from) if shared_from else None
     else:
@@ -131,7 +131,7 @@ def run(params: dict) -> str:
 
         confirm = confirm_sets(cfg)
         if params["resume"]:
-            _carry_milestones(run, params["resume"], resumed.data.tags, state.milestones)
+            _carry_milestones(run, resumed, state.milestones)
 
         def on_checkpoint(st, tag: str) -> None:
             tensors, meta = checkpoint_payload(st, cfg)
