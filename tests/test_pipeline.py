@@ -140,3 +140,24 @@ def test_where_a_stage_runs_stays_out_of_the_reuse_key():
     assert tracking.reuse_key("train_seed", "1", {"seed": 0, "max_steps": 40, "device": "cuda", "threads": 1,
                                                   "experiment": "x"}) == plain
     assert tracking.reuse_key("train_seed", "1", {"seed": 0, "max_steps": 41}) != plain
+
+
+def test_sigterm_once_the_run_shows_its_pid_closes_it_failed(own_store):
+    # scancel and `kill` may arrive the moment a watcher sees the run's pid, while the stage still
+    # records its parameters: the run must end FAILED then, not stay RUNNING with a dead pid.
+    code = textwrap.dedent("""\
+        import os, signal
+        from polyrot import tracking
+        record = tracking.StageRun.log_params
+        def record_then_sigterm(run, params):
+            record(run, params)
+            os.kill(os.getpid(), signal.SIGTERM)
+        tracking.StageRun.log_params = record_then_sigterm
+        with tracking.stage_run("probe", {"x": 1}, code_version="1", experiment="sigterm"):
+            print("the stage's body ran after SIGTERM")
+        """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM and "body ran" not in done.stdout, done.stderr
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("sigterm").experiment_id])
+    assert run.info.status == "FAILED" and int(run.data.tags[tracking.TAG_PID]) > 0

@@ -376,34 +376,37 @@ def stage_run(
     """
     client = configure()
     adopted = os.environ.get("MLFLOW_RUN_ID") if adopt else None
-    if adopted:
-        run_id = adopted
-        # A run a batch executor prepared waits SCHEDULED until its job starts (experiments.slurm).
-        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-        # `mlflow run` named it at random ("handsome-chimp-520") in an experiment it may have made.
-        if run_name:
-            client.set_tag(run_id, "mlflow.runName", run_name)
-        mark_training(client, client.get_experiment(client.get_run(run_id).info.experiment_id))
-    else:
-        run_tags = {"mlflow.runName": run_name} if run_name else {}
-        if parent_run_id:
-            run_tags["mlflow.parentRunId"] = parent_run_id
-        run_id = client.create_run(experiment_id(experiment), tags=run_tags).info.run_id
     commit, dirty = git_state()
-    with tempfile.TemporaryDirectory(prefix="polyrot-") as tmp:
-        run = StageRun(run_id, client, Path(tmp))
+    # The handler is in place before the run carries this process's pid: a scancel that arrives
+    # once the pid is visible closes the run FAILED instead of leaving it RUNNING.
+    with _sigterm_raises():
+        if adopted:
+            run_id = adopted
+        else:
+            run_tags = {"mlflow.runName": run_name} if run_name else {}
+            if parent_run_id:
+                run_tags["mlflow.parentRunId"] = parent_run_id
+            run_id = client.create_run(experiment_id(experiment), tags=run_tags).info.run_id
         try:
-            run.set_tags({
-                TAG_STAGE: stage, TAG_VERSION: polyrot.__version__, TAG_CODE_VERSION: code_version,
-                TAG_COMMIT: commit, TAG_DIRTY: str(dirty).lower(),
-                TAG_REUSE_KEY: reuse_key(stage, code_version, params),
-                TAG_HOST: socket.gethostname(), TAG_PID: os.getpid(),
-                **({TAG_SLURM_JOB: os.environ["SLURM_JOB_ID"]} if os.environ.get("SLURM_JOB_ID") else {}),
-                **{TAG_UPSTREAM + role: rid for role, rid in (upstream or {}).items()},
-                **(tags or {}),
-            })
-            run.log_params(params)
-            with _sigterm_raises():
+            if adopted:
+                # A run a batch executor prepared waits SCHEDULED until its job starts (experiments.slurm).
+                client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+                # `mlflow run` named it at random ("handsome-chimp-520") in an experiment it may have made.
+                if run_name:
+                    client.set_tag(run_id, "mlflow.runName", run_name)
+                mark_training(client, client.get_experiment(client.get_run(run_id).info.experiment_id))
+            with tempfile.TemporaryDirectory(prefix="polyrot-") as tmp:
+                run = StageRun(run_id, client, Path(tmp))
+                run.set_tags({
+                    TAG_STAGE: stage, TAG_VERSION: polyrot.__version__, TAG_CODE_VERSION: code_version,
+                    TAG_COMMIT: commit, TAG_DIRTY: str(dirty).lower(),
+                    TAG_REUSE_KEY: reuse_key(stage, code_version, params),
+                    TAG_HOST: socket.gethostname(), TAG_PID: os.getpid(),
+                    **({TAG_SLURM_JOB: os.environ["SLURM_JOB_ID"]} if os.environ.get("SLURM_JOB_ID") else {}),
+                    **{TAG_UPSTREAM + role: rid for role, rid in (upstream or {}).items()},
+                    **(tags or {}),
+                })
+                run.log_params(params)
                 yield run
         except BaseException:
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
