@@ -58,6 +58,21 @@ def test_graph_expansion_and_order(tmp_path):
     assert exp.upstream(exp.nodes["seed1"]) == ["seed0"]
 
 
+def test_a_node_that_always_runs_alone_gets_every_core(own_store, tmp_path):
+    unpinned = GRAPH.replace(", threads: 1", "")  # the threads come from the schedule
+    exp = pipeline.load_experiment(write(tmp_path, unpinned))
+    assert exp.always_alone() == {"seed0"}  # seeds 1 and 2 may run side by side
+    apart = unpinned + "  - id: other\n    stage: train_seed\n    params: {seed: 7}\n"
+    assert pipeline.load_experiment(write(tmp_path, apart, "apart.yaml")).always_alone() == set()
+
+    parent = STAGES["reproduce"](name=str(exp.path), experiment="pipeline-threads", jobs=2)
+    client = MlflowClient()
+    nodes = {k.split(".")[-1]: v for k, v in client.get_run(parent).data.tags.items() if k.startswith("polyrot.node.")}
+    threads = {node: client.get_run(run).data.params["threads"] for node, run in nodes.items()}
+    cores = os.cpu_count()
+    assert threads == {"seed0": str(cores), "seed1": str(max(1, cores // 2)), "seed2": str(max(1, cores // 2))}
+
+
 def test_unknown_experiment_lists_the_available_ones():
     with pytest.raises(PolyrotError, match="available: .*smoke"):
         pipeline.load_experiment("no-such-experiment")

@@ -92,6 +92,15 @@ def test_resume_from_a_checkpoint_reaches_identical_weights():
     assert all(torch.equal(full.best.weights[k], resumed.best.weights[k]) for k in full.best.weights)
 
 
+def test_two_threads_train_bit_identically_run_to_run():
+    """A node that runs alone trains on every core (pipeline.execute), so two threads must be as
+    reproducible as one. W_E's gradient is the one that was not: indexing accumulates it in an
+    order that varies between runs on two threads; the embedding's backward does not."""
+    cfg = TrainConfig.from_profile("cpu", **{**TINY, "threads": 2, "batch_size": 128, "max_steps": 20})
+    first, second = (weights(train(new_state(cfg), cfg, progress=False)) for _ in range(2))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_frozen_shared_io_stays_bit_identical():
     cfg = TrainConfig.from_profile("cpu", **TINY)
     source = new_state(TrainConfig.from_profile("cpu", **{**TINY, "seed": 9})).model

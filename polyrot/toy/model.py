@@ -229,7 +229,9 @@ class DyckTransformer(nn.Module):
             return value
 
         T = tokens.shape[1]
-        x = at(("resid_pre_0",), self.W_E[tokens] + self.W_pos[:T])
+        # F.embedding, not W_E[tokens]: indexing's backward accumulates W_E's gradient in an order
+        # that varies from run to run on two or more threads, and is 6x slower on one.
+        x = at(("resid_pre_0",), F.embedding(tokens, self.W_E) + self.W_pos[:T])
         for layer, block in enumerate(self.blocks):
             h = at((f"ln1_out_{layer}",), block.ln1(x))
             z = block.attn.mix(h)
