@@ -54,6 +54,8 @@ def parse_args() -> argparse.Namespace:
                         help="fraction of --max-steps from which batches are the paper's mix (1: never)")
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--bucketed", choices=("true", "false"), help="length-bucketed batches (the profile's otherwise)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: the training step under bf16 autocast "
+                        "(the profile's otherwise)")
     parser.add_argument("--ema-decay", type=float, help="decay of the weights' moving average; 0 for none")
     parser.add_argument("--late-batch-size", type=int, help="sequences per step late in training (0: none)")
     parser.add_argument("--late-batch-from", type=float, help="fraction of --max-steps where the late batch starts")
@@ -76,7 +78,7 @@ def main() -> None:
         p_noise_tail=args.p_noise_tail,
         p_open_spread=args.p_open_spread, paper_mix_from=args.paper_mix_from, eval_every=args.eval_every,
         extra_steps=args.extra_steps, bucketed=args.bucketed and args.bucketed == "true", ema_decay=args.ema_decay,
-        late_batch_size=args.late_batch_size, late_batch_from=args.late_batch_from,
+        late_batch_size=args.late_batch_size, late_batch_from=args.late_batch_from, precision=args.precision,
     )
     if args.from_checkpoint:
         state, saved = restore_checkpoint(load_file(args.from_checkpoint),
@@ -93,7 +95,7 @@ def main() -> None:
     print(f"torch {torch.__version__}; load average at start {shown(load_start)} on {os.cpu_count()} CPUs")
     print(f"profile {cfg.profile}, seed {cfg.seed}, batch {cfg.batch_size}, lr {cfg.lr} (floor {cfg.min_lr_ratio:g}×), "
           f"weight decay {cfg.weight_decay:g}, mix {cfg.mix()} (the paper's from {cfg.paper_mix_from:.0%}), "
-          f"bucketed {cfg.bucketed}, ema {cfg.ema_decay}, max {cfg.max_steps} steps, "
+          f"bucketed {cfg.bucketed}, {cfg.precision}, ema {cfg.ema_decay}, max {cfg.max_steps} steps, "
           f"late batch {cfg.late_batch_size or '-'} from {cfg.late_batch_from:.0%}, "
           f"threads {cfg.threads or 'default'}")
 

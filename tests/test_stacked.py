@@ -8,8 +8,10 @@ from polyrot.toy.recipe import TrainConfig
 from polyrot.toy.stacked import masked_loss, stacked_gradients, train_stacked
 from polyrot.toy.train import loss_fn, new_state, train
 
+# fp32: the equalities below are the stacking's, and bf16 rounds a padded stack's products
+# differently from a trimmed batch's.
 TINY = dict(max_steps=40, eval_every=20, checkpoint_every=20, batch_size=32, eval_sequences=64,
-            confirm_sequences=64, threads=1)
+            confirm_sequences=64, threads=1, precision="fp32")
 
 
 def test_the_fixed_shape_loss_equals_the_reference_on_plain_and_bucketed_batches():

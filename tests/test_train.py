@@ -39,6 +39,7 @@ def test_paper_profile_is_the_papers_recipe():
     assert (cfg.batch_size, cfg.max_steps, cfg.lr, cfg.warmup_steps) == (512, 60_000, 3e-3, 500)
     assert (cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip) == (0.9, 0.95, 1e-4, 1.0)
     assert (cfg.min_lr_ratio, cfg.target_acc, cfg.extra_steps, cfg.eval_every) == (0.02, 0.9999, 10_000, 500)
+    assert cfg.precision == "bf16"  # autocast with fp32 master weights
     assert PAPER["p_corrupt"] == PAPER["p_noise_tail"] == PAPER["p_open_spread"] == 0.0
 
 
@@ -74,8 +75,9 @@ def test_short_training_lowers_the_loss():
     assert after["acc.train.tok"] > 0.9  # the copy head is learned first
 
 
-def test_resume_from_a_checkpoint_reaches_identical_weights():
-    cfg = TrainConfig.from_profile("cpu", **TINY)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_from_a_checkpoint_reaches_identical_weights(precision):
+    cfg = TrainConfig.from_profile("cpu", **TINY, precision=precision)
     saved = {}
     full = train(new_state(cfg), cfg, progress=False,
                  on_checkpoint=lambda st, tag: saved.setdefault(tag, checkpoint_payload(st, cfg)))
@@ -304,3 +306,28 @@ def test_the_ema_leaves_frozen_tensors_bit_identical():
 def test_the_paper_profile_has_no_ema_and_padded_batches():
     cfg = TrainConfig.from_profile("paper")
     assert cfg.ema_decay == 0 and not cfg.bucketed and new_state(cfg).ema is None
+
+
+def test_the_paper_profile_trains_in_bf16_and_old_recipes_in_fp32():
+    assert TrainConfig.from_profile("paper").precision == "bf16"
+    # A recipe saved before the field existed trained in fp32 on the CPU, the only device any did.
+    saved = {k: v for k, v in TrainConfig.from_profile("paper").to_dict().items() if k != "precision"}
+    assert TrainConfig.from_dict(saved).precision == "fp32"
+    with pytest.raises(ParameterError, match="precision must be one of fp32, bf16"):
+        TrainConfig.from_profile("cpu", precision="fp16")
+
+
+def test_a_bf16_step_follows_the_fp32_step():
+    """The bf16 step (autocast, attention and loss in fp32) against the fp32 step it stands in for:
+    the same loss to bf16's precision, gradients pointing the same way, and fp32 master weights."""
+    model = DyckTransformer(seed=0)
+    trained = TrainConfig.from_profile("cpu", **{**TINY, "max_steps": 100, "eval_every": 100})
+    model.load_state_dict(train(new_state(trained), trained, progress=False).model.state_dict())
+    batch = dyck.generate("train", 64, seed=5)
+    loss32, grads32 = padded_loss_and_grads(model, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, grads16 = padded_loss_and_grads(model, batch)
+    assert loss16 == pytest.approx(loss32, rel=1e-3) and loss16 != loss32
+    for name, g in grads32.items():
+        assert grads16[name].dtype == torch.float32
+        assert F.cosine_similarity(grads16[name].flatten(), g.flatten(), dim=0) > 0.999, name

@@ -105,6 +105,8 @@ RECIPE = (
     recipe_option("late_batch_size", int, "sequences per step from late_batch_from x max_steps on; 0: "
                   "batch_size throughout"),
     recipe_option("late_batch_from", float, "fraction of max_steps after which late_batch_size applies"),
+    recipe_option("precision", str, "fp32, or bf16: the training step under bf16 autocast with fp32 master "
+                  "weights (the paper's), attention and the loss in fp32; evaluations read fp32"),
     recipe_option("eval_sequences", int, "held-out sequences per split at each evaluation, the paper's size"),
     recipe_option("confirm_sequences", int, "held-out sequences per split that confirm a milestone and score "
                   "the final model, ~10^6 tokens"),
@@ -124,14 +126,14 @@ TRAIN_SEED = Stage(
                run_ids=True),
         Option("threads", int, 0, "torch threads (0: torch's default); 1 makes training bit-reproducible",
                check=non_negative),
-        Option("device", str, None, "cpu, cuda or cuda:N; default: CUDA when torch sees one (bf16 autocast there, "
-               "as the paper), else the CPU"),
+        Option("device", str, None, "cpu, cuda or cuda:N; default: CUDA when torch sees one, else the CPU"),
     ),
-    code_version="7",  # 2: bucketed batches and the EMA in the cpu profile; the best evaluated model kept;
+    code_version="8",  # 2: bucketed batches and the EMA in the cpu profile; the best evaluated model kept;
     # 3: p_noise_tail 0.25 in the cpu profile; a first-0.995 checkpoint; 4: p_open_spread 0.25 in it;
     # 5: final.draws.* (the paper's early-stop reading), the quick crossing, an error table at each
     # milestone (the weights are 4's); 6: the cpu profile's cosine floor at 0.25 of the peak; 7: its
-    # last fifth on the paper's mix (paper_mix_from 0.8), violations.csv
+    # last fifth on the paper's mix (paper_mix_from 0.8), violations.csv; 8: precision, bf16 autocast
+    # in both profiles on every device (before: on CUDA only), attention in fp32
 )
 
 

@@ -263,7 +263,7 @@ class SeedLoop:
         self.state, self.cfg, self.on_eval, self.on_checkpoint = state, cfg, on_eval, on_checkpoint
         self.device = torch.device(resolve_device(cfg.device))
         move_state(state, self.device)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                          else contextlib.nullcontext())
         state.model.train()
         self.stream = TrainingStream(cfg.seed, state.rows_consumed, cfg.bucketed, **cfg.mix(state.step))
