@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from scipy.stats import ortho_group
@@ -141,3 +143,12 @@ def test_save_load_round_trip_and_errors(model, tokens, tmp_path):
     save_model(small, tmp_path / "small")
     with pytest.raises(ValueError, match="shape"):
         load_model(tmp_path / "small" / "model.safetensors", config)
+
+
+def test_a_float64_copy_runs_in_float64_and_agrees(model, tokens):
+    # The cross-seed Bar B compares models in float64; attention must not fall back to fp32 there.
+    wide = copy.deepcopy(model).double()
+    logits = wide(tokens)
+    assert all(v.dtype == torch.float64 for v in logits.values())
+    narrow = model(tokens)
+    assert all(torch.allclose(logits[h].float(), narrow[h], atol=1e-5) for h in narrow)

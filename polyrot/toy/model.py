@@ -137,9 +137,10 @@ class Attention(nn.Module):
         # One matmul for Q, K and V of all heads instead of an einsum per head (the whole training
         # step is 1.2-1.4x faster for it: benchmarks/train_throughput.py).
         qkv = x @ torch.cat([self.W_Q, self.W_K, self.W_V]).reshape(3 * H * dh, d).T
-        q, k, v = qkv.float().view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)
-        # Attention itself in fp32 under bf16 autocast: on the CPU the bf16 kernel's backward is 9x
-        # slower than the fp32 one at these shapes (benchmarks/README.md). A no-op without autocast.
+        # Attention itself in the weights' precision under bf16 autocast: on the CPU the bf16
+        # kernel's backward is 9x slower than the fp32 one at these shapes (benchmarks/README.md).
+        # A no-op without autocast, in fp32 or float64 alike.
+        q, k, v = qkv.to(self.W_Q.dtype).view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)
         with torch.autocast(x.device.type, enabled=False):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
