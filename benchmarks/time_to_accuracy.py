@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from polyrot.toy.recipe import PROFILES, TrainConfig
+from polyrot.toy.recipe import PRECISIONS, PROFILES, TrainConfig
 from polyrot.toy.task import HEADS, SPLITS
 from polyrot.toy.train import MILESTONES, new_state, restore_checkpoint, train
 
@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
                         help="fraction of --max-steps from which batches are the paper's mix (1: never)")
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--bucketed", choices=("true", "false"), help="length-bucketed batches (the profile's otherwise)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: the training step under bf16 autocast "
+    parser.add_argument("--precision", choices=PRECISIONS, help="bf16: the training step under bf16 autocast "
                         "(the profile's otherwise)")
     parser.add_argument("--ema-decay", type=float, help="decay of the weights' moving average; 0 for none")
     parser.add_argument("--late-batch-size", type=int, help="sequences per step late in training (0: none)")

@@ -1,5 +1,6 @@
 """Several seeds in one vmapped step (polyrot.toy.stacked) against separate runs of train.train."""
 
+import pytest
 import torch
 
 from polyrot.toy import dyck
@@ -62,3 +63,11 @@ def test_stacked_training_equals_separate_runs():
         assert (together.best.step, together.best.source) == (one.best.step, one.best.source)
     for k in SHARED_IO:
         assert torch.equal(stacked[1].model.get_parameter(k), shared[k])
+
+
+def test_seeds_of_different_precisions_are_not_stacked():
+    # One vmapped step runs all seeds under one autocast: a bf16 seed beside an fp32 one would
+    # silently train in the first one's precision.
+    cfgs = [TrainConfig.from_profile("cpu", seed=s, **{**TINY, "precision": p}) for s, p in ((0, "fp32"), (1, "bf16"))]
+    with pytest.raises(ValueError, match="one precision"):
+        train_stacked([new_state(c) for c in cfgs], cfgs, progress=False)

@@ -89,9 +89,10 @@ def train_stacked(
     """train.train for several seeds at once; the callbacks are per seed, in the seeds' order."""
     if len(states) != len(cfgs) or not states:
         raise ValueError("train_stacked takes one TrainConfig per TrainState, and at least one")
-    if len({(c.batch_size, c.late_batch_size, c.late_batch_from, c.max_steps) for c in cfgs}) != 1 \
+    # One vmapped step runs every seed under the same autocast, so the precision is shared too.
+    if len({(c.batch_size, c.late_batch_size, c.late_batch_from, c.max_steps, c.precision) for c in cfgs}) != 1 \
             or len({s.model.cfg for s in states}) != 1:
-        raise ValueError("stacked seeds need one architecture and one batch-size schedule")
+        raise ValueError("stacked seeds need one architecture, one batch-size schedule and one precision")
     loops = [SeedLoop(s, c, on_eval=(on_eval or [None] * len(states))[i],
                       on_checkpoint=(on_checkpoint or [None] * len(states))[i], progress=progress)
              for i, (s, c) in enumerate(zip(states, cfgs))]
