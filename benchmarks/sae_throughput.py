@@ -6,7 +6,8 @@ with --model-run (read from the polyrot store). Rows/s counts the rows the optim
 (steps × batch size); each timed run includes the final evaluation on every row, which is part of
 what `train_sae` does.
 
-  polyrot    polyrot.core.sae.train_sae, as the train_sae stage calls it
+  polyrot    polyrot.core.sae.train_sae, as the train_sae stage calls it (bf16 autocast)
+  fp32       the same in fp32, the reference's precision
   reference  the same recipe written the obvious way: every formula as separate tensor ops,
              the decoder gradient's parallel part removed and the columns renormalised one
              column at a time, torch's non-foreach Adam. It starts from polyrot's initial
@@ -124,9 +125,13 @@ def saelens_peer():
     return train, f"sae_lens {sae_lens.__version__}"
 
 
+def fp32(cfg: SAEConfig) -> SAEConfig:
+    return SAEConfig(**{**cfg.to_dict(), "precision": "fp32"})
+
+
 def check_same_training(x: torch.Tensor, cfg: SAEConfig, tolerance: float = 1e-4) -> float:
-    """Largest weight gap after a few identical steps; fails if it exceeds `tolerance`."""
-    short = SAEConfig(**{**cfg.to_dict(), "steps": CHECK_STEPS, "eval_every": CHECK_STEPS})
+    """Largest weight gap after a few identical fp32 steps; fails if it exceeds `tolerance`."""
+    short = SAEConfig(**{**fp32(cfg).to_dict(), "steps": CHECK_STEPS, "eval_every": CHECK_STEPS})
     ours, _ = polyrot_train(x, short)
     ref, _ = reference_train(x, short)
     gap = max((ours[k] - ref[k]).abs().max().item() for k in ref)
@@ -175,7 +180,8 @@ def main() -> None:
     gap = check_same_training(x, cfg)
     print(f"same function: {CHECK_STEPS} steps from the same weights, largest weight gap {gap:.1e}")
 
-    peers = {"polyrot": polyrot_train, "reference": reference_train}
+    peers = {"polyrot": polyrot_train, "fp32": lambda x, cfg: polyrot_train(x, fp32(cfg)),
+             "reference": reference_train}
     saelens_train, why = (None, "left out (--no-saelens)") if args.no_saelens else saelens_peer()
     if saelens_train is not None:
         peers["sae-lens"] = saelens_train

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from polyrot.toy.recipe import PRECISIONS, PROFILES, TrainConfig
+from polyrot.core.precision import PRECISIONS
+from polyrot.toy.recipe import PROFILES, TrainConfig
 from polyrot.toy.task import HEADS, SPLITS
 from polyrot.toy.train import MILESTONES, new_state, restore_checkpoint, train
 

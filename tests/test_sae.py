@@ -73,6 +73,7 @@ def random_sae(**cfg_kwargs):
     (dict(d_in=0), "d_in"),
     (dict(kind="crosscoder"), "kind"),
     (dict(d_out=16), "d_out"),
+    (dict(precision="fp16"), "precision"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -82,8 +83,8 @@ def test_config_validation(kwargs, message):
 
 def test_config_defaults_and_round_trip():
     cfg = SAEConfig(d_in=64, expansion=8)
-    assert (cfg.l1, cfg.lr, cfg.batch_size, cfg.steps, cfg.seed, cfg.kind, cfg.eval_every) == \
-        (1e-3, 5e-4, 4096, 4000, 0, "sae", 500)
+    assert (cfg.l1, cfg.lr, cfg.batch_size, cfg.steps, cfg.seed, cfg.kind, cfg.eval_every, cfg.precision) == \
+        (1e-3, 5e-4, 4096, 4000, 0, "sae", 500, "bf16")
     assert cfg.d_sae == 512 and cfg.d_out == 64
 
     tc = SAEConfig(d_in=16, expansion=2, kind="transcoder", d_out=24, site="blocks.0.mlp", model_run_id="abc")
@@ -96,6 +97,12 @@ def test_config_defaults_and_round_trip():
         SAEConfig.from_dict({**cfg.to_dict(), "l2": 1.0})
     with pytest.raises(ValueError, match="bad SAEConfig"):
         SAEConfig.from_dict({"d_in": 8})
+
+
+def test_a_cfg_saved_before_precision_reads_fp32():
+    # Every SAE trained before the field existed trained in fp32.
+    saved = {k: v for k, v in SAEConfig(d_in=8, expansion=2).to_dict().items() if k != "precision"}
+    assert SAEConfig.from_dict(saved).precision == "fp32"
 
 
 # ---------------------------------------------------------------- module
@@ -187,6 +194,16 @@ def test_training_lowers_loss_and_recovers_planted_features(planted_run):
     assert history[-1]["l0"] < 10  # truth is 2.5 per row
     recovered = decoder_cosine(sae.W_dec.detach(), D, threshold=0.9)
     assert recovered["max_frac_above"] >= 0.9
+
+
+def test_a_bf16_sae_follows_the_fp32_one(planted_run):
+    """The default bf16 step against the fp32 reference, from the same start and batches."""
+    x, D, bf16, _, _ = planted_run
+    fp32, _ = train_sae(x, SAEConfig(**PLANTED, precision="fp32"), progress=False)
+    assert bf16.cfg.precision == "bf16" and all(p.dtype == torch.float32 for p in bf16.parameters())
+    assert not torch.equal(bf16.W_dec, fp32.W_dec)  # autocast was on
+    assert evaluate_sae(bf16, x)["ev"] == pytest.approx(evaluate_sae(fp32, x)["ev"], abs=2e-3)
+    assert decoder_cosine(bf16.W_dec.detach(), fp32.W_dec.detach())["hungarian_mean"] > 0.99
 
 
 def test_decoder_unit_norm_after_training(planted_run):

@@ -64,7 +64,7 @@ def test_a_run_records_the_sae_its_config_and_its_metrics(sae_run, seed_run):
     cfg = json.loads((artifacts / "cfg.json").read_text())
     assert cfg == {"d_in": 64, "expansion": 8, "l1": 0.001, "lr": 0.0005, "batch_size": 256, "steps": 50, "seed": 0,
                    "kind": "sae", "d_out": 64, "site": "resid_mid_1", "model_run_id": seed_run, "eval_every": 25,
-                   "model_checkpoint": None}
+                   "model_checkpoint": None, "precision": "bf16"}
 
     for name in ("loss", "mse", "ev", "l0", "dead_fraction"):
         assert [m.step for m in client.get_metric_history(sae_run, name)] == [25, 50]

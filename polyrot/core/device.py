@@ -1,10 +1,16 @@
-"""Which torch device a computation runs on: 'auto' takes CUDA when torch sees one."""
+"""Which torch device a computation runs on ('auto' takes CUDA when torch sees one), and in which precision."""
 
 from __future__ import annotations
 
 import torch
 
 from polyrot.errors import ParameterError
+
+
+def autocast(device: str | torch.device, precision: str):
+    """The training step's context for `precision` (polyrot.core.precision): bf16 autocast on the
+    device's type, or nothing for fp32."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def resolve_device(device: str) -> str:

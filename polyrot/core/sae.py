@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from polyrot.core import metrics
+from polyrot.core import device, metrics
 from polyrot.core.sae_config import SAEConfig
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -145,6 +145,7 @@ def train_sae(x: torch.Tensor, cfg: SAEConfig, target: torch.Tensor | None = Non
             sae.b_out.copy_(target.mean(dim=0))
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     g = torch.Generator(device=x.device).manual_seed(cfg.seed)
+    autocast = device.autocast(x.device, cfg.precision)
 
     history = []
     bar = tqdm(range(1, cfg.steps + 1), disable=not progress, desc=f"train {cfg.kind}", unit="step")
@@ -152,9 +153,10 @@ def train_sae(x: torch.Tensor, cfg: SAEConfig, target: torch.Tensor | None = Non
         idx = torch.randint(len(x), (cfg.batch_size,), generator=g, device=x.device)
         xb = x[idx]
         yb = xb if cfg.kind == "sae" else target[idx]
-        recon, f = sae(xb)
-        # f >= 0 after the ReLU, so its L1 norm is a plain sum
-        loss = F.mse_loss(recon, yb) + cfg.l1 * f.sum(dim=1).mean()
+        with autocast:
+            recon, f = sae(xb)
+        # f >= 0 after the ReLU, so its L1 norm is a plain sum; both terms in fp32
+        loss = F.mse_loss(recon.float(), yb) + cfg.l1 * f.float().sum(dim=1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_grad_()

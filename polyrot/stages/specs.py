@@ -11,6 +11,7 @@ polyrot.hf.config, polyrot.core.sae_config), never from a copy of their numbers.
 
 from __future__ import annotations
 
+from polyrot.core.precision import PRECISIONS
 from polyrot.core.sae_config import KINDS, SAEConfig
 from polyrot.hf.config import CORPUS_SEED, DTYPES, PAPER_CORPUS, NeoxRecipe
 from polyrot.stages.base import (
@@ -179,6 +180,8 @@ TRAIN_SAE = Stage(
         Option("lr", float, SAEConfig.lr, "Adam learning rate", check=positive),
         Option("batch_size", int, SAEConfig.batch_size, "rows per step", check=positive),
         Option("sae_seed", int, SAEConfig.seed, "seed of the initialisation and of the batch sampling"),
+        Option("precision", str, SAEConfig.precision, "bf16: the training step under bf16 autocast, with fp32 "
+               "weights, loss and evaluation; or fp32", choices=PRECISIONS),
         Option("eval_every", int, SAEConfig.eval_every, "steps between metric evaluations on the training data",
                check=positive),
         *batch_options(SAE_SPEC),
@@ -186,7 +189,7 @@ TRAIN_SAE = Stage(
         CHECKPOINT,
         THREADS,
     ),
-    code_version="1",
+    code_version="2",  # 2: --precision, bf16 autocast by default
 )
 
 

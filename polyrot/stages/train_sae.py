@@ -154,6 +154,7 @@ def _prepare_hf(params: dict, spec, heldout):
 def _configs(params: dict, pairs, d_in: int, model_run: str) -> list[SAEConfig]:
     return [SAEConfig(d_in=d_in, expansion=params["expansion"], l1=params["l1"], lr=params["lr"],
                       batch_size=params["batch_size"], steps=params["steps"], seed=params["sae_seed"],
+                      precision=params["precision"],
                       kind=params["kind"], site=site, model_run_id=model_run, eval_every=params["eval_every"],
                       model_checkpoint=params["checkpoint"])
             for site, _ in pairs]

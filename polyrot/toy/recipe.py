@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from polyrot.core.precision import PRECISIONS
 from polyrot.errors import ParameterError
 from polyrot.toy.task import PAPER_EVAL_SEQUENCES
 
@@ -48,7 +49,6 @@ PROFILES = {"cpu": CPU, "paper": PAPER}
 _POSITIVE = ("must be positive", lambda v: v > 0)
 _NON_NEGATIVE = ("must be non-negative", lambda v: v >= 0)
 _FRACTION = ("must lie in [0, 1]", lambda v: 0 <= v <= 1)
-PRECISIONS = ("fp32", "bf16")
 # Each checked field's allowed values, stated once: TrainConfig enforces them and the stage options
 # (polyrot.stages.specs) check the CLI's and MLproject's values against them before a run starts.
 RANGES = {

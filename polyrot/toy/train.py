@@ -6,7 +6,6 @@ so the tracking layer (or a notebook) decides where they go.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from polyrot.core.device import resolve_device
+from polyrot.core.device import autocast, resolve_device
 from polyrot.toy import dyck, task
 from polyrot.toy.model import HEADS, DyckTransformer, ModelConfig
 from polyrot.toy.recipe import TrainConfig
@@ -263,8 +262,7 @@ class SeedLoop:
         self.state, self.cfg, self.on_eval, self.on_checkpoint = state, cfg, on_eval, on_checkpoint
         self.device = torch.device(resolve_device(cfg.device))
         move_state(state, self.device)
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
-                         else contextlib.nullcontext())
+        self.autocast = autocast(self.device, cfg.precision)
         state.model.train()
         self.stream = TrainingStream(cfg.seed, state.rows_consumed, cfg.bucketed, **cfg.mix(state.step))
         self.quick, self.confirm = quick_sets(cfg), None
