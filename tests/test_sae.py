@@ -198,7 +198,7 @@ def test_training_lowers_loss_and_recovers_planted_features(planted_run):
 
 def test_a_bf16_sae_follows_the_fp32_one(planted_run):
     """The default bf16 step against the fp32 reference, from the same start and batches."""
-    x, D, bf16, _, _ = planted_run
+    x, _, bf16, _, _ = planted_run
     fp32, _ = train_sae(x, SAEConfig(**PLANTED, precision="fp32"), progress=False)
     assert bf16.cfg.precision == "bf16" and all(p.dtype == torch.float32 for p in bf16.parameters())
     assert not torch.equal(bf16.W_dec, fp32.W_dec)  # autocast was on
