@@ -29,7 +29,7 @@ def second_seed(seed_run):
 @pytest.fixture(scope="module")
 def bars_run(seed_run, second_seed):
     return STAGES["bars"](reference=seed_run, models=f"{seed_run},{second_seed}", decoy=True, lambdas="0,1",
-                          experiment=EXPERIMENT, **SMALL)
+                          null="1000,1001", experiment=EXPERIMENT, **SMALL)
 
 
 def test_run_logs_every_bar_for_every_model(bars_run):
@@ -51,20 +51,27 @@ def test_run_logs_every_bar_for_every_model(bars_run):
     assert metrics["s0.cross.bar_b"] < 1e-10 and metrics["s0.cross.r_measured"] > 0.9999
     assert metrics["s1.bar_p.max_mse"] > 1e-6 and metrics["s1.cross.bar_b"] > 1e-6
     assert metrics["s1.cross.bar_c"] == metrics["s1.cross.bar_pr"]
+    # The untrained null: every bar but the joint sweep, and far from the spec where training is not.
+    for m in ("untrained1000", "untrained1001"):
+        assert {f"{m}.{k}" for k in ("bar_b", "bar_b.depth", "bar_p.max_mse", "bar_c.r_ig", "bar_c.r_ap",
+                                     "bar_pr.r_ig", "cross.bar_b", "cross.bar_c")} <= set(metrics)
+        assert not any(k.startswith(f"{m}.joint") for k in metrics)
+        # Integrated gradients complete to the ablation effect in an untrained model as well (4 steps).
+        assert metrics[f"{m}.bar_c.r_ig"] > 0.99 and metrics[f"{m}.bar_b"] > metrics["s0.bar_b"]
 
 
 def test_tables_and_figure(bars_run):
     artifacts = tracking.artifact_dir(bars_run)
     summary = pd.read_csv(artifacts / "summary.csv")
-    assert list(summary["model"]) == ["s0", "s1"]
+    assert list(summary["model"]) == ["s0", "s1", "untrained1000", "untrained1001"]
     bar_b = pd.read_csv(artifacts / "bar_b.csv")
-    assert set(bar_b["scope"]) == {"overall", "head", "split"} and set(bar_b["model"]) == {"s0", "s1"}
+    assert set(bar_b["scope"]) == {"overall", "head", "split"} and set(bar_b["model"]) == set(summary["model"])
     bar_p = pd.read_csv(artifacts / "bar_p.csv")
     assert bar_p.groupby("model")["mse"].max().to_dict() == pytest.approx(
         summary.set_index("model")["bar_p.max_mse"].to_dict())
     effects = pd.read_csv(artifacts / "effects.csv")
     assert effects.groupby(["model", "bar"]).size().to_dict() == {
-        (m, b): 10 for m in ("s0", "s1") for b in ("bar_c", "bar_pr", "cross")}
+        (m, b): 10 for m in ("s0", "s1", "untrained1000", "untrained1001") for b in ("bar_c", "bar_pr", "cross")}
     assert effects[effects["bar"] == "bar_c"]["ap"].notna().all()
     assert len(pd.read_csv(artifacts / "joint.csv")) == 4
     assert (artifacts / "fig_ig_vs_ap.png").stat().st_size > 0
@@ -102,6 +109,7 @@ def odd_runs(store):
     (["--samples", "-1"], "--samples must be positive, got -1"),
     (["--lambdas", "0,x"], "--lambdas takes comma-separated numbers"),
     (["--models", ","], "--models names no run"),
+    (["--null", "1000"], "--null takes two different integer seeds 'A,B', got '1000'"),
 ])
 def test_bad_input_is_one_line_and_starts_no_run(seed_run, odd_runs, args, message):
     given = {"--reference": seed_run, "--models": seed_run, **dict(zip(args[::2], args[1::2]))}

@@ -92,12 +92,17 @@ NULLED = {"audit": {"resid_mid_0.s1.frob_ratio": 0.97, "resid_mid_0.s2.frob_rati
                    "resid_mid_0.s1.identity_ev": 0.66, "resid_mid_0.s2.identity_ev": 0.64}}
 
 
-def test_a_value_inside_the_null_range_has_no_power_never_pass():
+def test_a_claim_the_null_passes_too_or_whose_values_meet_the_null_has_no_power():
     haar = {"metrics": "resid_mid_0.s*.frob_ratio", "expect": {"near": 1.0}, "tol": 0.05}
     assert evaluate(claim(**haar), NULLED).status == PASS
+    # The untrained 0.96 and 0.98 lie within 5% of 1 as well: the claim says the same of them.
     v = evaluate(claim(**haar, null="*.untrained.frob_ratio"), NULLED)
     assert v.status == NO_POWER and v.null_spread == (0.96, 0.98) and v.null_n == 2
-    assert v.null_shown == "0.96 … 0.98 (n=2)" and v.reason == "the null's 0.96 … 0.98 overlaps the measured 0.97 … 0.99"
+    assert v.null_shown == "0.96 … 0.98 (n=2)" and v.reason == "the null's 0.96 … 0.98 passes too"
+    # A null that fails the claim (0.90 is 10% off) but reaches the measured 0.97 … 0.99 has no power either.
+    near = {"audit": {**NULLED["audit"], "resid_mid_0.untrained.frob_ratio": 0.975, "resid_mid_1.untrained.frob_ratio": 0.90}}
+    v = evaluate(claim(**haar, null="*.untrained.frob_ratio"), near)
+    assert v.status == NO_POWER and v.reason == "the null's 0.9 … 0.975 overlaps the measured 0.97 … 0.99"
     # Apart from the null's range the claim passes, and outside the paper's interval it fails.
     apart = {"audit": {**NULLED["audit"], "resid_mid_0.untrained.frob_ratio": 0.5, "resid_mid_1.untrained.frob_ratio": 0.6}}
     assert evaluate(claim(**haar, null="*.untrained.frob_ratio"), apart).status == PASS
@@ -108,6 +113,42 @@ def test_a_value_inside_the_null_range_has_no_power_never_pass():
     assert v.status == PASS and v.null_shown == "not measured"
     assert NO_POWER in VERDICTS and len(set(VERDICTS)) == 4
     assert failed_required([v, evaluate(claim(**haar, null="*.untrained.frob_ratio"), NULLED)]) != []
+
+
+FIRING = {"audit": {"resid_mid_0.s1.firing_rotated_mean": 0.7, "resid_mid_0.s1.firing_raw_mean": 0.3,
+                   "resid_mid_1.s1.firing_rotated_mean": 0.6, "resid_mid_1.s1.firing_raw_mean": 0.1,
+                   "resid_mid_0.untrained.firing_rotated_mean": 0.25, "resid_mid_0.untrained.firing_raw_mean": 0.07,
+                   "resid_mid_1.untrained.firing_rotated_mean": 0.22, "resid_mid_1.untrained.firing_raw_mean": 0.06}}
+
+
+def test_a_compared_claim_compares_its_null_the_same_way():
+    helps = {"metrics": "*.s*.firing_rotated_mean", "compare_to": "*.s*.firing_raw_mean", "expect": {"above": 0.2},
+             "null": "*.untrained.firing_rotated_mean", "null_compare_to": "*.untrained.firing_raw_mean"}
+    # Trained gains 0.4 and 0.5, the untrained pair's 0.18 and 0.16: apart, and the null fails.
+    v = evaluate(claim(**helps), FIRING)
+    assert v.status == PASS and v.null_spread == pytest.approx((0.16, 0.18)) and v.null_n == 2
+    closer = {"audit": {**FIRING["audit"], "resid_mid_0.untrained.firing_rotated_mean": 0.52}}
+    v = evaluate(claim(**helps), closer)
+    assert v.status == NO_POWER and v.null_spread == pytest.approx((0.16, 0.45))
+    assert v.reason == "the null's 0.16 … 0.45 overlaps the measured 0.4 … 0.5"
+    # "Rotation helps at all" holds for the untrained pair too.
+    v = evaluate(claim(**{**helps, "expect": {"above": 0}}), FIRING)
+    assert v.status == NO_POWER and v.reason == "the null's 0.16 … 0.18 passes too"
+
+
+def test_a_reduced_claim_has_power_when_its_reduced_value_leaves_the_null():
+    metrics = {"audit": {"a.s1.sae_raw_ev": -6.0, "b.s1.sae_raw_ev": 0.5, "a.untrained.sae_raw_ev": 0.4,
+                         "b.untrained.sae_raw_ev": 0.9}}
+    mean = {"metrics": "*.s*.sae_raw_ev", "reduce": "mean", "expect": {"below": 0}, "null": "*.untrained.sae_raw_ev"}
+    # The trained values straddle the null's 0.4 … 0.9, but their mean (-2.75) lies far from it, and
+    # the null's own mean (0.65) fails the claim.
+    v = evaluate(claim(**mean), metrics)
+    assert v.status == PASS and v.measured == pytest.approx(-2.75) and v.spread == (-6.0, 0.5)
+    v = evaluate(claim(**{**mean, "expect": {"below": 1}}), metrics)
+    assert v.status == NO_POWER and v.reason == "the null's 0.4 … 0.9 passes too"
+    inside = {"audit": {**metrics["audit"], "a.s1.sae_raw_ev": 0.0, "b.s1.sae_raw_ev": 1.0}}
+    v = evaluate(claim(**{**mean, "expect": {"below": 0.6}}), inside)
+    assert v.status == NO_POWER and v.reason == "the null's 0.4 … 0.9 overlaps the measured mean 0.5"
 
 
 def test_a_verdict_that_does_not_pass_carries_its_attribution():
@@ -129,6 +170,9 @@ def test_a_verdict_that_does_not_pass_carries_its_attribution():
     ({"metrics": "x", "expect": {"below": 0}, "attribution": {"metric": "x", "text": "t", "by": 1}},
      "attribution has no field 'by'"),
     ({"metrics": "x", "expect": {"below": 0}, "null": []}, "'null' takes a metric-name glob"),
+    ({"metrics": "x", "compare_to": "y", "expect": {"below": 0}, "null": "u.x"}, "needs null_compare_to"),
+    ({"metrics": "x", "expect": {"below": 0}, "null": "u.x", "null_compare_to": "u.y"}, "null_compare_to needs compare_to"),
+    ({"metrics": "x", "compare_to": "y", "expect": {"below": 0}, "null_compare_to": "u.y"}, "null_compare_to needs a null"),
     ({"expect": {"below": 0}}, "needs 'metrics'"),
     ({"metrics": "x", "expect": {"below": 0, "above": 1}}, "exactly one of"),
     ({"metrics": "x", "expect": {"near": 1}}, "'near' needs a positive 'tol'"),

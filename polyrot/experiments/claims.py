@@ -20,6 +20,8 @@ that experiment's nodes:
       "null": ["*.untrained.frob_ratio"]   optional: the same quantity on a null control (globs
                                            on the same node); values inside its range: NO POWER.
                                            Quoted: a bare null: key is YAML's null
+      null_compare_to: [...]               the null's partner globs, needed by a compared claim
+                                           with a null: the null is compared as the claim is
       final_only: true                     optional: the claim's premise holds on the final weights
                                            only, so claims along convergence leave it out
       attribution:                         optional: why a claim that fails, from a metric
@@ -35,9 +37,10 @@ a metric without a partner is an error of the claim.
 Verdicts (VERDICTS, defined here only):
   PASS          the measured value lies in the paper's interval and, with a null, apart from it
   FAIL          it lies outside the paper's interval
-  NO POWER      it lies inside the interval, but the null's values overlap the measured ones: the
-                statistic cannot tell the trained models from the control, so nothing was shown
-                (its reason says so, with both ranges)
+  NO POWER      it lies inside the interval, but the claim cannot tell the trained models from the
+                control, so nothing was shown: the null passes the claim too, or the null's values
+                overlap the measured ones (for reduce: all) or the reduced value (for the others).
+                Its reason says which, with the null's range
   NOT MEASURED  no metric matched (the node did not run, or logs other names)
 Only PASS counts as verified: a required claim with any other verdict makes `verify` exit 1.
 """
@@ -60,7 +63,7 @@ EXPECTATIONS = ("below", "above", "between", "near")
 PASS, FAIL, NO_POWER, MISSING = "PASS", "FAIL", "NO POWER", "NOT MEASURED"
 VERDICTS = (PASS, FAIL, NO_POWER, MISSING)
 _KEYS = {"id", "section", "claim", "paper", "node", "metrics", "compare_to", "op", "reduce", "expect", "tol",
-         "required", "null", "attribution", "final_only"}
+         "required", "null", "null_compare_to", "attribution", "final_only"}
 _ATTRIBUTION_KEYS = {"metric", "text", "reduce", "node"}
 
 
@@ -98,8 +101,14 @@ class Claim:
     tol: float = 0.0
     required: bool = True
     null: tuple[str, ...] = ()
+    null_compare_to: tuple[str, ...] = ()
     attribution: Attribution | None = None
     final_only: bool = False
+
+    @property
+    def null_metrics(self) -> tuple[str, ...]:
+        """Every glob the null reads: its values and, for a compared claim, their partners."""
+        return self.null + self.null_compare_to
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -232,6 +241,7 @@ def parse_claim(entry: Mapping, where: str) -> Claim:
         expect=expect, reduce=reduce, op=op, tol=_tolerance(entry, where), required=_flag(entry, "required", True, where),
         compare_to=_globs(entry["compare_to"], where, "compare_to") if "compare_to" in entry else (),
         null=_globs(entry["null"], where, "null") if "null" in entry else (),
+        null_compare_to=_globs(entry["null_compare_to"], where, "null_compare_to") if "null_compare_to" in entry else (),
         attribution=_attribution(entry["attribution"], where, str(entry["id"])) if "attribution" in entry else None,
         final_only=_flag(entry, "final_only", False, where),
     )
@@ -243,6 +253,13 @@ def parse_claim(entry: Mapping, where: str) -> Claim:
         raise ClaimError(f"{where}: claim {claim.id}: 'near' needs a positive 'tol'")
     if lo > hi:
         raise ClaimError(f"{where}: claim {claim.id}: empty interval [{lo}, {hi}]")
+    # A compared claim's values are differences or ratios: its null must be compared the same way.
+    if claim.null and bool(claim.compare_to) != bool(claim.null_compare_to):
+        raise ClaimError(f"{where}: claim {claim.id}: " + (
+            "a null on a claim with compare_to needs null_compare_to, the null's partner globs"
+            if claim.compare_to else "null_compare_to needs compare_to"))
+    if claim.null_compare_to and not claim.null:
+        raise ClaimError(f"{where}: claim {claim.id}: null_compare_to needs a null")
     return claim
 
 
@@ -274,43 +291,63 @@ def _reason(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> str:
 def evaluate(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> Verdict:
     """The claim's verdict on `metrics` ({node id: {metric name: value}})."""
     verdict = _evaluate(claim, metrics)
-    null = [v for v in _matching(metrics, claim.node, claim.null).values() if not math.isnan(v)] if claim.null else []
+    null = list(_values(claim, metrics, claim.null, claim.null_compare_to).values()) if claim.null else []
     if null:
         verdict.null_spread, verdict.null_n = (min(null), max(null)), len(null)
+    if null and verdict.status == PASS:
         lo, hi = verdict.null_spread
-        if verdict.status == PASS and verdict.spread[0] <= hi and verdict.spread[1] >= lo:
-            verdict.status = NO_POWER  # the trained values do not leave the null's range
-            verdict.reason = (f"the null's {_fmt(lo)} … {_fmt(hi)} overlaps the measured "
-                              f"{_fmt(verdict.spread[0])} … {_fmt(verdict.spread[1])}")
+        # For reduce: all, every trained value must leave the null's range; for a reduced claim, its
+        # reduced value must: a mean far from the null can come from values that straddle it.
+        low, high = verdict.spread if claim.reduce == "all" else (verdict.measured,) * 2
+        if _passes(claim, null):  # the claim would say the same of untrained models
+            verdict.status = NO_POWER
+            verdict.reason = f"the null's {_fmt(lo)} … {_fmt(hi)} passes too"
+        elif low <= hi and high >= lo:  # the trained values do not leave the null's range
+            verdict.status = NO_POWER
+            verdict.reason = f"the null's {_fmt(lo)} … {_fmt(hi)} overlaps the measured " + (
+                f"{_fmt(low)} … {_fmt(high)}" if claim.reduce == "all" else f"{claim.reduce} {_fmt(low)}")
     if verdict.status == FAIL:
         verdict.reason = _reason(claim, metrics)
     return verdict
 
 
-def _evaluate(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> Verdict:
-    values = _matching(metrics, claim.node, claim.metrics)
-    if claim.compare_to:
-        partners = {_prefix(k): v for k, v in _matching(metrics, claim.node, claim.compare_to).items()}
+def _values(claim: Claim, metrics: Mapping[str, Mapping[str, float]], globs: tuple[str, ...],
+            partner_globs: tuple[str, ...]) -> dict[str, float]:
+    """{'node/metric': value} for `globs` on the claim's node, each taken against its partner under
+    `partner_globs` (by claim.op) when there are any; NaNs dropped."""
+    values = _matching(metrics, claim.node, globs)
+    if partner_globs:
+        partners = {_prefix(k): v for k, v in _matching(metrics, claim.node, partner_globs).items()}
         if values and not all(_prefix(k) in partners for k in values):
             lonely = next(k for k in values if _prefix(k) not in partners)
-            raise ClaimError(f"claim {claim.id}: metric {lonely} has no partner among {', '.join(claim.compare_to)}")
+            raise ClaimError(f"claim {claim.id}: metric {lonely} has no partner among {', '.join(partner_globs)}")
         values = {k: (v - partners[_prefix(k)] if claim.op == "difference" else v / partners[_prefix(k)])
                   for k, v in values.items()}
-    values = {k: v for k, v in values.items() if not math.isnan(v)}
+    return {k: v for k, v in values.items() if not math.isnan(v)}
+
+
+def _reduced(claim: Claim, values: list[float]) -> float:
+    """The value a claim judges: for reduce all, the one furthest outside the interval (or closest to
+    its edge); else the reduction."""
+    arr = np.array(values)
+    if claim.reduce != "all":
+        return float(getattr(np, claim.reduce)(arr))
+    lo, hi = claim.bounds
+    return float(arr[int(np.argmax(np.maximum(lo - arr, arr - hi)))])
+
+
+def _passes(claim: Claim, values: list[float]) -> bool:
+    lo, hi = claim.bounds
+    return lo <= _reduced(claim, values) <= hi
+
+
+def _evaluate(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> Verdict:
+    values = _values(claim, metrics, claim.metrics, claim.compare_to)
     if not values:
         return Verdict(claim, MISSING)
-    arr = np.array(list(values.values()))
-    lo, hi = claim.bounds
-    inside = (arr >= lo) & (arr <= hi)
-    if claim.reduce == "all":
-        ok = bool(inside.all())
-        # The reported value is the one furthest outside the interval (or closest to its edge).
-        distance = np.maximum(lo - arr, arr - hi)
-        measured = float(arr[int(np.argmax(distance))])
-    else:
-        measured = float(getattr(np, claim.reduce)(arr))
-        ok = lo <= measured <= hi
-    return Verdict(claim, PASS if ok else FAIL, measured, (float(arr.min()), float(arr.max())), len(arr), values)
+    found = list(values.values())
+    return Verdict(claim, PASS if _passes(claim, found) else FAIL, _reduced(claim, found),
+                   (min(found), max(found)), len(found), values)
 
 
 def verdict_table(verdicts: list[Verdict]) -> pd.DataFrame:

@@ -48,7 +48,7 @@ def along(exp: pipeline.Experiment, metrics: dict[str, dict[str, float]]) -> pd.
             continue
         # The null controls have no checkpoint: a twin reads them from the final node.
         null = {k: v for k, v in metrics.get(claim.node, {}).items()
-                if any(fnmatch.fnmatchcase(k, g) for g in claim.null)}
+                if any(fnmatch.fnmatchcase(k, g) for g in claim.null_metrics)}
         for level, node in [*found[claim.node], (math.nan, claim.node)]:
             verdict = evaluate(dataclasses.replace(claim, node=node), {**metrics, node: {**null, **metrics.get(node, {})}})
             spread = verdict.spread or (math.nan, math.nan)

@@ -179,7 +179,7 @@ def parse_checkpoints(raw: str) -> list[str | None]:
     return [None if name == FINAL else name for name in names]
 
 
-def _null_seeds(raw: str) -> tuple[int, int]:
+def parse_null_seeds(raw: str) -> tuple[int, int]:
     parts = [x.strip() for x in raw.split(",")]
     if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts) or parts[0] == parts[1]:
         raise ParameterError(f"--null takes two different integer seeds 'A,B', got {raw!r}")
@@ -496,7 +496,7 @@ def run(params: dict) -> str:
     if is_hf_run(source):
         return _run_hf(params)
     spec = batch_spec(params)
-    null_seeds = _null_seeds(params["null"]) if params["null"] else None
+    null_seeds = parse_null_seeds(params["null"]) if params["null"] else None
     if params["null_sae_steps"] and not null_seeds:
         raise ParameterError("--null-sae-steps sets the untrained pair's SAE steps: it needs --null")
     # Everything that can be refused is checked before a run exists, so bad input leaves no run.

@@ -12,6 +12,10 @@ For every run in --models (the reference itself may be one of them: a self pair)
            of the reference's IG (CROSS_MEANS / CROSS_EVAL) against the effects measured on the
            aligned model. Cross-seed Bar Pr is the same measurement (paper §7), logged under both names.
 
+With --null A,B two untrained models (DyckTransformer(seed=A) and (seed=B), the reference's config)
+are scored beside the trained ones, but for the joint sweep: the null control of the claims on the
+bars (integrated gradients, for one, complete to the mean-ablation effect in any model, trained or
+not).
 With --decoy the reference's decoy (W_U_depth rows averaged in pairs) gets Bar B on the same
 samples and its unaligned per-tensor MSE to the reference (both folded): the decoy is the
 reference with one tensor changed, so no alignment can beat the identity by much.
@@ -26,13 +30,14 @@ Metrics (<m> = s<seed> of the model run, as seed_labels makes it):
       measured effects against the aligned model's)
   <m>.joint.lambda<l>.<column>     every column of symmetry.joint_sweep's row for l, with --lambdas
   <m>.time.<bar> wall seconds of bar_b, bar_p, bar_c, bar_pr, cross_b, cross_c (and joint)
+  untrained<A>.*     the same for each untrained model (with --null), but for joint.*
   decoy.bar_b.real, decoy.bar_b.decoy, decoy.bar_b.ratio, decoy.bar_p  with --decoy
   time.cross_predictor, time.total
 Tags: polyrot.pass.<m>.<bar> = true/false against the paper's thresholds (B < 1e-4, P < 1e-3,
 C and Pr > 0.99; the cross-seed bars against the same ones).
 
 Artifacts:
-  summary.csv         one row per model: every bar value above
+  summary.csv         one row per model (and untrained model): every bar value above
   bar_b.csv           per model x scope (overall, head, split): KL
   bar_p.csv           per model x tensor: MSE after alignment
   effects.csv         per model x bar (bar_c, bar_pr, cross) x component: measured effect, IG and AP
@@ -57,7 +62,7 @@ from polyrot.core.attribution import pearson
 from polyrot.errors import ParameterError
 from polyrot.figures.bars import ig_vs_ap
 from polyrot.stages import specs
-from polyrot.stages.audit import parse_run_ids, seed_labels
+from polyrot.stages.audit import UNTRAINED, parse_null_seeds, parse_run_ids, seed_labels
 from polyrot.stages.base import (
     parse_numbers,
 )
@@ -66,7 +71,7 @@ from polyrot.stages.train_seed import NAME as TRAIN_SEED
 from polyrot.stages.train_seed import load_seed
 from polyrot.toy import behavioural, causal, symmetry, task
 from polyrot.toy.dyck import make_batch
-from polyrot.toy.model import fold_rmsnorm, save_model
+from polyrot.toy.model import DyckTransformer, fold_rmsnorm, save_model
 from polyrot.toy.task import BatchSpec
 
 STAGE = specs.BARS
@@ -123,6 +128,7 @@ def run(params: dict) -> str:
     for rid, model in models.items():
         check_architecture(reference_run, reference, rid, model)
     labels = seed_labels(seeds)
+    null_seeds = parse_null_seeds(params["null"]) if params["null"] else ()
     if params["threads"]:
         torch.set_num_threads(params["threads"])
     ig_steps, samples = params["ig_steps"], params["samples"]
@@ -148,12 +154,15 @@ def run(params: dict) -> str:
                                             ap=False, progress=True).set_index("component")
 
         summary, bar_b_rows, bar_p_rows, effect_rows, joint_rows, bar_b_of = [], [], [], [], [], {}
-        for rid, model in models.items():
-            label = labels[rid]
+        # (label, run ID, model): every trained model, then the untrained null, scored alike but for the
+        # joint sweep (its activation batch is the seed's).
+        scored = [(labels[rid], rid, model) for rid, model in models.items()]
+        scored += [(f"{UNTRAINED}{seed}", "", DyckTransformer(reference.cfg, seed=seed)) for seed in null_seeds]
+        for label, rid, model in scored:
             own: dict[str, float] = {}
             with timed(own, "time.bar_b"):
                 b = behavioural.bar_b(model, samples, progress=True)
-            bar_b_of[rid] = b
+            bar_b_of[label] = b
             bar_b_rows.append(b.table().assign(model=label))
             own |= {"bar_b": b.mean, "bar_b.rel_err": b.relative_error,
                     **{f"bar_b.{k}": v for k, v in (b.per_head | b.per_split).items()}}
@@ -168,7 +177,7 @@ def run(params: dict) -> str:
             save_model(alignment.model, run.path(f"aligned/{label}"))
             run.log_artifact(f"aligned/{label}/model.safetensors")
             run.log_artifact(f"aligned/{label}/config.json")
-            if lambdas:
+            if lambdas and rid:
                 with timed(own, "time.joint"):
                     sweep = symmetry.joint_sweep(model, reference, joint_tokens(seeds[rid]), lambdas,
                                                  starts=params["starts"], outer_iters=params["outer_iters"],
@@ -210,7 +219,7 @@ def run(params: dict) -> str:
 
         if params["decoy"]:
             decoy = behavioural.decoy(reference)
-            real = bar_b_of.get(reference_run) or behavioural.bar_b(reference, samples, progress=True)
+            real = bar_b_of.get(labels.get(reference_run)) or behavioural.bar_b(reference, samples, progress=True)
             fake = behavioural.bar_b(decoy, samples, progress=True)
             decoy_p = max(symmetry.per_tensor_mse(fold_rmsnorm(decoy), fold_rmsnorm(reference)).values())
             run.log_metrics({"decoy.bar_b.real": real.mean, "decoy.bar_b.decoy": fake.mean,
