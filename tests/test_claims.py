@@ -227,3 +227,9 @@ def test_the_dyck3_experiments_state_at_least_twenty_claims():
               for c in pipeline.load_experiment(name).claims]
     assert len(claims) >= 20
     assert {c.section for c in claims} >= {"§8.1", "§8.2", "§8.3", "§8.5", "§8.6"}
+
+
+def test_a_value_near_one_is_not_printed_as_one():
+    v = evaluate(claim(metrics="r", expect={"above": 0.999}, null="u.r"), {"audit": {"r": 0.9996, "u.r": 0.999975}})
+    assert v.shown == "0.9996" and v.null_shown == "0.999975" and v.status == NO_POWER
+    assert evaluate(claim(metrics="r", expect={"above": 0}), {"audit": {"r": 241.96}}).shown == "242"

@@ -167,7 +167,9 @@ class Verdict:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.4g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3g}"
+    text = f"{x:.4g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3g}"
+    # A correlation of 0.99997 is not 1: keep the digits that say so.
+    return f"{x:.6g}" if abs(float(text)) == 1 and x != float(text) else text
 
 
 def _globs(value, where: str, key: str) -> tuple[str, ...]:
