@@ -290,8 +290,8 @@ BARS = Stage(
                "4096 (C), 2048 (Pr), 1024 (cross)", check=positive),
         *ALIGNMENT_OPTIONS,
         Option("lambdas", str, None, "comma-separated joint-loss weights to sweep (paper: 0,0.1,1,10,100)"),
-        Option("null", str, None, "'A,B': seeds of two untrained models scored on Bars B, C and Pr beside the "
-               "trained ones (the null control)"),
+        Option("null", str, None, "'A,B': seeds of two untrained models scored beside the trained ones on every "
+               "bar but the joint sweep (the null control)"),
         Option("decoy", bool, False, "also score the reference's decoy (depth unembedding rows averaged in pairs)"),
         CHECKPOINT,
         THREADS,
