@@ -136,6 +136,19 @@ def test_a_compared_claim_compares_its_null_the_same_way():
     assert v.status == NO_POWER and v.reason == "the null's 0.16 … 0.18 passes too"
 
 
+def test_a_null_can_be_read_from_a_node_of_its_own():
+    # The Hugging Face experiments audit untrained checkpoints (revision step0) as a node of their own,
+    # with the same metric names as the trained audit's.
+    metrics = {"audit": {"layer1.m-main.frob_ratio": 0.99, "layer2.m-main.frob_ratio": 1.0},
+               "audit-null": {"layer1.m-step0.frob_ratio": 0.98, "layer2.m-step0.frob_ratio": 1.01}}
+    haar = {"metrics": "*.frob_ratio", "expect": {"near": 1.0}, "tol": 0.05, "null": "*.m-step0.frob_ratio"}
+    v = evaluate(claim(**haar, null_node="audit-nu*"), metrics)
+    assert v.status == NO_POWER and v.null_spread == (0.98, 1.01) and v.reason == "the null's 0.98 … 1.01 passes too"
+    # Without null_node the null is looked for on the claim's own node, where it was not logged.
+    v = evaluate(claim(**haar), metrics)
+    assert v.status == PASS and v.null_shown == "not measured"
+
+
 def test_a_reduced_claim_has_power_when_its_reduced_value_leaves_the_null():
     metrics = {"audit": {"a.s1.sae_raw_ev": -6.0, "b.s1.sae_raw_ev": 0.5, "a.untrained.sae_raw_ev": 0.4,
                          "b.untrained.sae_raw_ev": 0.9}}
@@ -173,6 +186,8 @@ def test_a_verdict_that_does_not_pass_carries_its_attribution():
     ({"metrics": "x", "compare_to": "y", "expect": {"below": 0}, "null": "u.x"}, "needs null_compare_to"),
     ({"metrics": "x", "expect": {"below": 0}, "null": "u.x", "null_compare_to": "u.y"}, "null_compare_to needs compare_to"),
     ({"metrics": "x", "compare_to": "y", "expect": {"below": 0}, "null_compare_to": "u.y"}, "null_compare_to needs a null"),
+    ({"metrics": "x", "expect": {"below": 0}, "null_node": "audit-null"}, "null_node needs a null"),
+    ({"metrics": "x", "expect": {"below": 0}, "null": "x", "null_node": ""}, "'null_node' takes a node id or glob"),
     ({"expect": {"below": 0}}, "needs 'metrics'"),
     ({"metrics": "x", "expect": {"below": 0, "above": 1}}, "exactly one of"),
     ({"metrics": "x", "expect": {"near": 1}}, "'near' needs a positive 'tol'"),
@@ -214,8 +229,10 @@ def test_claims_in_an_experiment_file_are_checked_before_any_run(tmp_path):
         """)
     path = tmp_path / "with-claims.yaml"
     path.write_text(body)
-    with pytest.raises(pipeline.ExperimentError, match=r"with-claims.yaml:13: claim ghost reads node 'audit', which "
-                                                       "matches no node"):
+    with pytest.raises(pipeline.ExperimentError, match=r"with-claims.yaml:13: claim ghost's node 'audit' matches no node"):
+        pipeline.load_experiment(str(path))
+    path.write_text(body.replace("node: audit", 'node: seed0\n    "null": x\n    null_node: seed-untrained'))
+    with pytest.raises(pipeline.ExperimentError, match=r"claim ghost's null_node 'seed-untrained' matches no node"):
         pipeline.load_experiment(str(path))
     path.write_text(body.replace("id: ghost", "id: acc"))
     with pytest.raises(pipeline.ExperimentError, match="duplicate claim id 'acc'"):
@@ -232,4 +249,5 @@ def test_the_dyck3_experiments_state_at_least_twenty_claims():
 def test_a_value_near_one_is_not_printed_as_one():
     v = evaluate(claim(metrics="r", expect={"above": 0.999}, null="u.r"), {"audit": {"r": 0.9996, "u.r": 0.999975}})
     assert v.shown == "0.9996" and v.null_shown == "0.999975" and v.status == NO_POWER
+    assert v.reason == "the null's 0.999975 passes too"
     assert evaluate(claim(metrics="r", expect={"above": 0}), {"audit": {"r": 241.96}}).shown == "242"

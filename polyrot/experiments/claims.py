@@ -20,6 +20,9 @@ that experiment's nodes:
       "null": ["*.untrained.frob_ratio"]   optional: the same quantity on a null control (globs
                                            on the same node); values inside its range: NO POWER.
                                            Quoted: a bare null: key is YAML's null
+      null_node: audit-null                optional: the node (glob) the null is read from, when the
+                                           control is a run of its own (untrained checkpoints
+                                           through the same stage); default the claim's node
       null_compare_to: [...]               the null's partner globs, needed by a compared claim
                                            with a null: the null is compared as the claim is
       final_only: true                     optional: the claim's premise holds on the final weights
@@ -63,7 +66,7 @@ EXPECTATIONS = ("below", "above", "between", "near")
 PASS, FAIL, NO_POWER, MISSING = "PASS", "FAIL", "NO POWER", "NOT MEASURED"
 VERDICTS = (PASS, FAIL, NO_POWER, MISSING)
 _KEYS = {"id", "section", "claim", "paper", "node", "metrics", "compare_to", "op", "reduce", "expect", "tol",
-         "required", "null", "null_compare_to", "attribution", "final_only"}
+         "required", "null", "null_compare_to", "null_node", "attribution", "final_only"}
 _ATTRIBUTION_KEYS = {"metric", "text", "reduce", "node"}
 
 
@@ -102,13 +105,14 @@ class Claim:
     required: bool = True
     null: tuple[str, ...] = ()
     null_compare_to: tuple[str, ...] = ()
+    null_node: str | None = None
     attribution: Attribution | None = None
     final_only: bool = False
 
     @property
-    def null_metrics(self) -> tuple[str, ...]:
-        """Every glob the null reads: its values and, for a compared claim, their partners."""
-        return self.null + self.null_compare_to
+    def null_source(self) -> str:
+        """The node glob the null is read from."""
+        return self.null_node or self.node
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -179,6 +183,12 @@ def _globs(value, where: str, key: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _node(value, where: str, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ClaimError(f"{where}: '{key}' takes a node id or glob")
+    return value
+
+
 def _attribution(value, where: str, claim_id: str) -> Attribution:
     if not isinstance(value, Mapping) or "metric" not in value or "text" not in value:
         raise ClaimError(f"{where}: claim {claim_id}: 'attribution' takes a mapping with metric and text")
@@ -244,6 +254,7 @@ def parse_claim(entry: Mapping, where: str) -> Claim:
         compare_to=_globs(entry["compare_to"], where, "compare_to") if "compare_to" in entry else (),
         null=_globs(entry["null"], where, "null") if "null" in entry else (),
         null_compare_to=_globs(entry["null_compare_to"], where, "null_compare_to") if "null_compare_to" in entry else (),
+        null_node=_node(entry["null_node"], where, "null_node") if "null_node" in entry else None,
         attribution=_attribution(entry["attribution"], where, str(entry["id"])) if "attribution" in entry else None,
         final_only=_flag(entry, "final_only", False, where),
     )
@@ -260,8 +271,9 @@ def parse_claim(entry: Mapping, where: str) -> Claim:
         raise ClaimError(f"{where}: claim {claim.id}: " + (
             "a null on a claim with compare_to needs null_compare_to, the null's partner globs"
             if claim.compare_to else "null_compare_to needs compare_to"))
-    if claim.null_compare_to and not claim.null:
-        raise ClaimError(f"{where}: claim {claim.id}: null_compare_to needs a null")
+    if (claim.null_compare_to or claim.null_node) and not claim.null:
+        raise ClaimError(f"{where}: claim {claim.id}: {'null_compare_to' if claim.null_compare_to else 'null_node'} "
+                         "needs a null")
     return claim
 
 
@@ -293,20 +305,22 @@ def _reason(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> str:
 def evaluate(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> Verdict:
     """The claim's verdict on `metrics` ({node id: {metric name: value}})."""
     verdict = _evaluate(claim, metrics)
-    null = list(_values(claim, metrics, claim.null, claim.null_compare_to).values()) if claim.null else []
+    null = list(_values(claim, metrics, claim.null, claim.null_compare_to, claim.null_source).values()) \
+        if claim.null else []
     if null:
         verdict.null_spread, verdict.null_n = (min(null), max(null)), len(null)
     if null and verdict.status == PASS:
         lo, hi = verdict.null_spread
+        shown = _fmt(lo) if lo == hi else f"{_fmt(lo)} … {_fmt(hi)}"
         # For reduce: all, every trained value must leave the null's range; for a reduced claim, its
         # reduced value must: a mean far from the null can come from values that straddle it.
         low, high = verdict.spread if claim.reduce == "all" else (verdict.measured,) * 2
         if _passes(claim, null):  # the claim would say the same of untrained models
             verdict.status = NO_POWER
-            verdict.reason = f"the null's {_fmt(lo)} … {_fmt(hi)} passes too"
+            verdict.reason = f"the null's {shown} passes too"
         elif low <= hi and high >= lo:  # the trained values do not leave the null's range
             verdict.status = NO_POWER
-            verdict.reason = f"the null's {_fmt(lo)} … {_fmt(hi)} overlaps the measured " + (
+            verdict.reason = f"the null's {shown} overlaps the measured " + (
                 f"{_fmt(low)} … {_fmt(high)}" if claim.reduce == "all" else f"{claim.reduce} {_fmt(low)}")
     if verdict.status == FAIL:
         verdict.reason = _reason(claim, metrics)
@@ -314,12 +328,12 @@ def evaluate(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> Verdic
 
 
 def _values(claim: Claim, metrics: Mapping[str, Mapping[str, float]], globs: tuple[str, ...],
-            partner_globs: tuple[str, ...]) -> dict[str, float]:
-    """{'node/metric': value} for `globs` on the claim's node, each taken against its partner under
+            partner_globs: tuple[str, ...], node: str) -> dict[str, float]:
+    """{'node/metric': value} for `globs` on `node` (a glob), each taken against its partner under
     `partner_globs` (by claim.op) when there are any; NaNs dropped."""
-    values = _matching(metrics, claim.node, globs)
+    values = _matching(metrics, node, globs)
     if partner_globs:
-        partners = {_prefix(k): v for k, v in _matching(metrics, claim.node, partner_globs).items()}
+        partners = {_prefix(k): v for k, v in _matching(metrics, node, partner_globs).items()}
         if values and not all(_prefix(k) in partners for k in values):
             lonely = next(k for k in values if _prefix(k) not in partners)
             raise ClaimError(f"claim {claim.id}: metric {lonely} has no partner among {', '.join(partner_globs)}")
@@ -344,7 +358,7 @@ def _passes(claim: Claim, values: list[float]) -> bool:
 
 
 def _evaluate(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> Verdict:
-    values = _values(claim, metrics, claim.metrics, claim.compare_to)
+    values = _values(claim, metrics, claim.metrics, claim.compare_to, claim.node)
     if not values:
         return Verdict(claim, MISSING)
     found = list(values.values())

@@ -13,7 +13,6 @@ A claim marked `final_only` (its premise holds on the final weights alone) is le
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 import re
 
@@ -46,11 +45,9 @@ def along(exp: pipeline.Experiment, metrics: dict[str, dict[str, float]]) -> pd.
     for claim in exp.claims:
         if claim.node not in found or claim.final_only:
             continue
-        # The null controls have no checkpoint: a twin reads them from the final node.
-        null = {k: v for k, v in metrics.get(claim.node, {}).items()
-                if any(fnmatch.fnmatchcase(k, g) for g in claim.null_metrics)}
         for level, node in [*found[claim.node], (math.nan, claim.node)]:
-            verdict = evaluate(dataclasses.replace(claim, node=node), {**metrics, node: {**null, **metrics.get(node, {})}})
+            # The null controls have no checkpoint: a twin reads them where the final node does.
+            verdict = evaluate(dataclasses.replace(claim, node=node, null_node=claim.null_source), metrics)
             spread = verdict.spread or (math.nan, math.nan)
             rows.append({"claim": claim.id, "checkpoint": FINAL if math.isnan(level) else f"first-{level:g}",
                          "level": level, "node": node, "value": verdict.measured, "lo": spread[0], "hi": spread[1],

@@ -205,8 +205,9 @@ def _load_claims(exp: Experiment, entries: list, where: str) -> None:
             raise ExperimentError(str(exc)) from None
         if claim.id in seen:
             raise ExperimentError(f"{at}: duplicate claim id {claim.id!r}")
-        if not fnmatch.filter(exp.nodes, claim.node):
-            raise ExperimentError(f"{at}: claim {claim.id} reads node {claim.node!r}, which matches no node")
+        for key, node in (("node", claim.node), ("null_node", claim.null_node)):
+            if node is not None and not fnmatch.filter(exp.nodes, node):
+                raise ExperimentError(f"{at}: claim {claim.id}'s {key} {node!r} matches no node")
         seen.add(claim.id)
         exp.claims.append(claim)
 
