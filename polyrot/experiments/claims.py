@@ -18,13 +18,13 @@ that experiment's nodes:
       tol: 0                               added to the bounds (absolute)
       required: true                       a failing required claim makes `verify` exit 1
       "null": ["*.untrained.frob_ratio"]   optional: the same quantity on a null control (globs
-                                           on the same node); values inside its range: NO POWER.
-                                           Quoted: a bare null: key is YAML's null
-      null_node: audit-null                optional: the node (glob) the null is read from, when the
-                                           control is a run of its own (untrained checkpoints
-                                           through the same stage); default the claim's node
+                                           on the same node unless null_node says); values inside
+                                           its range: NO POWER. Quoted: a bare null: key is YAML's null
       null_compare_to: [...]               the null's partner globs, needed by a compared claim
                                            with a null: the null is compared as the claim is
+      null_node: untrained-audit           optional: the node (glob) the null is read from, when the
+                                           control is a run of its own (untrained checkpoints
+                                           through the same stage); default the claim's node
       final_only: true                     optional: the claim's premise holds on the final weights
                                            only, so claims along convergence leave it out
       attribution:                         optional: why a claim that fails, from a metric
