@@ -44,7 +44,7 @@ CAPTIONS = {
                        "Gaussian samples; bars are means over the targets named in the subtitle, whiskers their range.",
     "fig2_eigen_angles": "Eigen-angles of the audit's rotations at its internal sites (the embedding site left out), "
                          "every site and target pooled: each d x d rotation contributes d angles, so n angles = "
-                         "rotations x d; the untrained pair is the null control.",
+                         "rotations x d; an audit run with --null draws its untrained pair's angles beside them.",
     "fig3_ig_vs_ap": "Per model and component: the IG and AP predictions against the measured mean-ablation effect.",
     "fig4_steering": "Per vector, its effect against the dose alpha: lines are means over the target seeds, bands "
                      "their range.",
