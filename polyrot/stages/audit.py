@@ -60,7 +60,8 @@ Hugging Face models (--source and --targets hf_activations runs, polyrot.hf): th
 activations are the rows (source and targets must hold the same tokens, checked by digest), the
 SAEs are train_sae runs on the source activations run itself, and there is no null pair or
 checkpoint option (another revision's activations run is simply another target: step3000 ->
-step143000 is the paper's cross-checkpoint pair). With --target-saes, decoder_pairs.csv holds the
+step143000 is the paper's cross-checkpoint pair; an untrained pair is an audit of two step0
+revisions, as projects/neox-tiny.yaml runs it). With --target-saes, decoder_pairs.csv holds the
 decoder cosine of every pair of models at every site (the paper's 36 pairs of 9 Pythia seeds).
 
 Internal sites are all but the embedding, resid_pre_0 (layer0_resid_pre for Hugging Face models):
