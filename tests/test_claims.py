@@ -99,6 +99,10 @@ def test_a_claim_the_null_passes_too_or_whose_values_meet_the_null_has_no_power(
     v = evaluate(claim(**haar, null="*.untrained.frob_ratio"), NULLED)
     assert v.status == NO_POWER and v.null_spread == (0.96, 0.98) and v.null_n == 2
     assert v.null_shown == "0.96 … 0.98 (n=2)" and v.reason == "the null's 0.96 … 0.98 passes too"
+    # Ends that print alike are printed once.
+    alike = {"audit": {**NULLED["audit"], "resid_mid_0.untrained.frob_ratio": 0.96001, "resid_mid_1.untrained.frob_ratio": 0.96002}}
+    v = evaluate(claim(**haar, null="*.untrained.frob_ratio"), alike)
+    assert v.null_shown == "0.96 (n=2)" and v.reason == "the null's 0.96 passes too"
     # A null that fails the claim (0.90 is 10% off) but reaches the measured 0.97 … 0.99 has no power either.
     near = {"audit": {**NULLED["audit"], "resid_mid_0.untrained.frob_ratio": 0.975, "resid_mid_1.untrained.frob_ratio": 0.90}}
     v = evaluate(claim(**haar, null="*.untrained.frob_ratio"), near)

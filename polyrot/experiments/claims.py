@@ -158,7 +158,7 @@ class Verdict:
         if self.status == MISSING:
             return "not measured"
         if self.claim.reduce == "all" and self.n > 1:
-            return f"{_fmt(self.spread[0])} … {_fmt(self.spread[1])} (n={self.n})"
+            return f"{_span(*self.spread)} (n={self.n})"
         return _fmt(self.measured) + (f" (n={self.n})" if self.n > 1 else "")
 
     @property
@@ -167,13 +167,17 @@ class Verdict:
         if self.null_spread is None:
             return "not measured" if self.claim.null else ""
         lo, hi = self.null_spread
-        return f"{_fmt(lo)} … {_fmt(hi)} (n={self.null_n})" if self.null_n > 1 else _fmt(lo)
+        return f"{_span(lo, hi)} (n={self.null_n})" if self.null_n > 1 else _fmt(lo)
 
 
 def _fmt(x: float) -> str:
     text = f"{x:.4g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3g}"
     # A correlation of 0.99997 is not 1: keep the digits that say so.
     return f"{x:.6g}" if abs(float(text)) == 1 and x != float(text) else text
+
+
+def _span(lo: float, hi: float) -> str:
+    return _fmt(lo) if _fmt(lo) == _fmt(hi) else f"{_fmt(lo)} … {_fmt(hi)}"
 
 
 def _globs(value, where: str, key: str) -> tuple[str, ...]:
@@ -311,17 +315,16 @@ def evaluate(claim: Claim, metrics: Mapping[str, Mapping[str, float]]) -> Verdic
         verdict.null_spread, verdict.null_n = (min(null), max(null)), len(null)
     if null and verdict.status == PASS:
         lo, hi = verdict.null_spread
-        shown = _fmt(lo) if lo == hi else f"{_fmt(lo)} … {_fmt(hi)}"
         # For reduce: all, every trained value must leave the null's range; for a reduced claim, its
         # reduced value must: a mean far from the null can come from values that straddle it.
         low, high = verdict.spread if claim.reduce == "all" else (verdict.measured,) * 2
         if _passes(claim, null):  # the claim would say the same of untrained models
             verdict.status = NO_POWER
-            verdict.reason = f"the null's {shown} passes too"
+            verdict.reason = f"the null's {_span(lo, hi)} passes too"
         elif low <= hi and high >= lo:  # the trained values do not leave the null's range
             verdict.status = NO_POWER
-            verdict.reason = f"the null's {shown} overlaps the measured " + (
-                f"{_fmt(low)} … {_fmt(high)}" if claim.reduce == "all" else f"{claim.reduce} {_fmt(low)}")
+            verdict.reason = f"the null's {_span(lo, hi)} overlaps the measured " + (
+                _span(low, high) if claim.reduce == "all" else f"{claim.reduce} {_fmt(low)}")
     if verdict.status == FAIL:
         verdict.reason = _reason(claim, metrics)
     return verdict
