@@ -239,11 +239,6 @@ def hidden_states(model, tokens: torch.Tensor, sites: Iterable[str], *, batch_si
     return {site: torch.cat(chunks) for site, chunks in parts.items()}
 
 
-def block_names(n_layers: int) -> list[str]:
-    """The paper's Pythia components: whole blocks, layer0 .. layer{n-1}."""
-    return [f"layer{layer}" for layer in range(n_layers)]
-
-
 def _replace_output(block, value: torch.Tensor):
     """A forward hook on `block` that makes its output `value` (broadcast over [B, T, d]); returns the handle."""
     def hook(module, args, output):

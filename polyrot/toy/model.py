@@ -49,9 +49,6 @@ class ModelConfig:
     def from_dict(cls, d: Mapping) -> ModelConfig:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
-    def head_sizes(self) -> dict[str, int]:
-        return {"tok": self.vocab_size, "depth": self.n_depth, "valid": self.n_valid}
-
 
 def site_names(cfg: ModelConfig) -> list[str]:
     """Every named activation site, in forward order."""
