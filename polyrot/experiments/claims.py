@@ -167,7 +167,7 @@ class Verdict:
         if self.null_spread is None:
             return "not measured" if self.claim.null else ""
         lo, hi = self.null_spread
-        return f"{_span(lo, hi)} (n={self.null_n})" if self.null_n > 1 else _fmt(lo)
+        return _span(lo, hi) + (f" (n={self.null_n})" if self.null_n > 1 else "")
 
 
 def _fmt(x: float) -> str:
