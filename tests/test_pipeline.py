@@ -98,13 +98,15 @@ def test_bad_values_and_dangling_references_fail_before_any_run(tmp_path):
         pipeline.load_experiment(write(tmp_path, GRAPH), profile="gpu")
 
 
-def test_reproduce_runs_once_then_reuses_everything(own_store, tmp_path):
-    path = write(tmp_path, GRAPH)
+def test_reproduce_runs_in_file_order_once_then_reuses_everything(own_store, tmp_path):
+    # `other` needs nothing, so it is ready from the start; defined last, it runs last (one job).
+    path = write(tmp_path, GRAPH + "  - id: other\n    stage: train_seed\n    params: {seed: 7}\n")
     first = STAGES["reproduce"](name=path, experiment="pipeline-reuse")
     client = MlflowClient()
     tags = client.get_run(first).data.tags
     nodes = {k.split(".")[-1]: v for k, v in tags.items() if k.startswith("polyrot.node.")}
-    assert set(nodes) == {"seed0", "seed1", "seed2"}
+    assert set(nodes) == {"seed0", "seed1", "seed2", "other"}
+    assert sorted(nodes, key=lambda n: client.get_run(nodes[n]).info.start_time) == ["seed0", "seed1", "seed2", "other"]
     assert client.get_run(nodes["seed2"]).data.tags[tracking.TAG_UPSTREAM + "shared_io"] == nodes["seed0"]
     assert client.get_run(nodes["seed1"]).data.tags["mlflow.parentRunId"] == first
 
@@ -112,7 +114,7 @@ def test_reproduce_runs_once_then_reuses_everything(own_store, tmp_path):
     second = STAGES["reproduce"](name=path, experiment="pipeline-reuse")
     assert time.perf_counter() - started < 60
     metrics = client.get_run(second).data.metrics
-    assert metrics["reused"] == 3 and metrics["ran"] == 0
+    assert metrics["reused"] == 4 and metrics["ran"] == 0
     again = {k.split(".")[-1]: v for k, v in client.get_run(second).data.tags.items() if k.startswith("polyrot.node.")}
     assert again == nodes
 
