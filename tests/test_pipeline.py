@@ -56,6 +56,12 @@ def test_graph_expansion_and_order(tmp_path):
     assert exp.nodes["seed2"].params["shared_io_from"] == "@seed0"
     assert exp.nodes["seed1"].params["max_steps"] == "40"
     assert exp.upstream(exp.nodes["seed1"]) == ["seed0"]
+    # A node that needs nothing but is defined last comes last: the file's order is the priority.
+    later = pipeline.load_experiment(write(tmp_path, GRAPH + "  - id: other\n    stage: train_seed\n    params: {seed: 7}\n", "later.yaml"))
+    assert later.order() == ["seed0", "seed1", "seed2", "other"]
+    upstream_last = GRAPH.replace("params: {seed: 0}", "params: {seed: 0, shared_io_from: \"@base\"}")
+    upstream_last += "  - id: base\n    stage: train_seed\n    params: {seed: 9}\n"
+    assert pipeline.load_experiment(write(tmp_path, upstream_last, "ul.yaml")).order() == ["base", "seed0", "seed1", "seed2"]
 
 
 def test_a_node_that_always_runs_alone_gets_every_core(own_store, tmp_path):

@@ -375,8 +375,9 @@ REPRODUCE = Stage(
     (
         Option("name", str, "dyck3-cohort-a", "experiment definition in projects/ (file stem)", positional=True),
         Option("profile", str, "cpu", "parameter profile of the experiment: cpu or paper"),
-        Option("jobs", int, 1, "independent stages to run at once (local executor), each on cores/N threads; a "
-               "stage every other one waits on or feeds (Cohort A's seed 0) runs alone, on every core",
+        Option("jobs", int, 1, "independent stages to run at once (local executor), each on cores/N threads, a "
+               "free slot taking the first ready stage in the file's order; a stage every other one waits on or "
+               "feeds (Cohort A's seed 0) runs alone, on every core",
                check=positive),
         Option("executor", str, "local", "where each stage runs: a local process, or a Slurm job (sbatch)",
                choices=("local", "slurm")),
