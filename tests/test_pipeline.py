@@ -40,6 +40,8 @@ nodes:
     matrix: {{seed: [1, 2]}}
     params: {{seed: "{{seed}}", shared_io_from: "@seed0"}}
 """
+# A node that needs no other, to append to GRAPH.
+INDEPENDENT = "  - id: other\n    stage: train_seed\n    params: {seed: 7}\n"
 
 
 def test_every_shipped_experiment_loads_in_both_profiles():
@@ -57,7 +59,7 @@ def test_graph_expansion_and_order(tmp_path):
     assert exp.nodes["seed1"].params["max_steps"] == "40"
     assert exp.upstream(exp.nodes["seed1"]) == ["seed0"]
     # A node that needs nothing but is defined last comes last: the file's order is the priority.
-    later = pipeline.load_experiment(write(tmp_path, GRAPH + "  - id: other\n    stage: train_seed\n    params: {seed: 7}\n", "later.yaml"))
+    later = pipeline.load_experiment(write(tmp_path, GRAPH + INDEPENDENT, "later.yaml"))
     assert later.order() == ["seed0", "seed1", "seed2", "other"]
     upstream_last = GRAPH.replace("params: {seed: 0}", "params: {seed: 0, shared_io_from: \"@base\"}")
     upstream_last += "  - id: base\n    stage: train_seed\n    params: {seed: 9}\n"
@@ -68,7 +70,7 @@ def test_a_node_that_always_runs_alone_gets_every_core(own_store, tmp_path):
     unpinned = GRAPH.replace(", threads: 1", "")  # the threads come from the schedule
     exp = pipeline.load_experiment(write(tmp_path, unpinned))
     assert exp.always_alone() == {"seed0"}  # seeds 1 and 2 may run side by side
-    apart = unpinned + "  - id: other\n    stage: train_seed\n    params: {seed: 7}\n"
+    apart = unpinned + INDEPENDENT
     assert pipeline.load_experiment(write(tmp_path, apart, "apart.yaml")).always_alone() == set()
 
     parent = STAGES["reproduce"](name=str(exp.path), experiment="pipeline-threads", jobs=2)
@@ -106,7 +108,7 @@ def test_bad_values_and_dangling_references_fail_before_any_run(tmp_path):
 
 def test_reproduce_runs_in_file_order_once_then_reuses_everything(own_store, tmp_path):
     # `other` needs nothing, so it is ready from the start; defined last, it runs last (one job).
-    path = write(tmp_path, GRAPH + "  - id: other\n    stage: train_seed\n    params: {seed: 7}\n")
+    path = write(tmp_path, GRAPH + INDEPENDENT)
     first = STAGES["reproduce"](name=path, experiment="pipeline-reuse")
     client = MlflowClient()
     tags = client.get_run(first).data.tags
