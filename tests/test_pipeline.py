@@ -102,6 +102,9 @@ def test_bad_values_and_dangling_references_fail_before_any_run(tmp_path):
         pipeline.load_experiment(write(tmp_path, GRAPH.replace("max_steps: 40", "max_steps: 0")))
     with pytest.raises(PolyrotError, match="refers to unknown node 'seed9'"):
         pipeline.load_experiment(write(tmp_path, GRAPH.replace("@seed0", "@seed9")))
+    cycle = GRAPH.replace("params: {seed: 0}", "params: {seed: 0, shared_io_from: \"@seed1\"}")
+    with pytest.raises(PolyrotError, match="dependency cycle among seed0, seed1, seed2"):
+        pipeline.load_experiment(write(tmp_path, cycle))
     with pytest.raises(PolyrotError, match="no profile 'gpu'"):
         pipeline.load_experiment(write(tmp_path, GRAPH), profile="gpu")
 
